@@ -1,0 +1,20 @@
+"""treenn: Equinox-style immutable pytree modules with tree-surgery mode switching."""
+
+from ._checkpoints import CheckpointError as CheckpointError, load as load, save as save
+from ._freezing import freeze as freeze, unfreeze as unfreeze
+from ._jit import jit as jit
+from ._module import Module as Module
+from ._selectors import Where as Where
+from ._state import apply as apply
+from ._summary import summary as summary
+from ._transforms import (
+    apply_updates as apply_updates,
+    combine as combine,
+    grad as grad,
+    partition as partition,
+    trainable as trainable,
+    value_and_grad as value_and_grad,
+)
+from . import nn as nn
+
+__version__ = "0.1.0"

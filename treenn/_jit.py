@@ -1,0 +1,292 @@
+"""`treenn.jit`: `eqx.filter_jit` semantics with almost no Python dispatch cost.
+
+Semantics: every array leaf of the arguments is traced, everything else is static (part
+of the compilation key), outputs may hold anything. Speed comes from doing as little
+per call as possible:
+
+- Each argument is flattened once with JAX's C++ flatten into its array leaves and a
+  small-integer *structure id* (interned from the tree structure and static leaves), and
+  one `jax.jit` over the flat array list is cached per tuple of structure ids.
+- An object this function returned on its previous call (the model and optimiser state
+  of a training loop), or received on its previous call, is recognised by identity and
+  not flattened again: its leaves and structure id are remembered. Only trees with no
+  mutable containers (lists, dicts) are remembered this way.
+- Outputs are rebuilt after the computation was dispatched, so with JAX's asynchronous
+  dispatch the rebuild overlaps the computation.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+Donate = Literal["none", "all", "all-except-first", "warn", "warn-except-first"]
+
+_DONATE: dict[str, tuple[int, ...]] = {
+    "none": (),
+    "all": (0, 1),
+    "all-except-first": (1,),
+    "warn": (0, 1),
+    "warn-except-first": (1,),
+}
+_ARRAY = (jax.Array, np.ndarray, np.generic)
+_ARRAY_ID = 0  # structure id of a bare array argument
+
+
+class _Dynamic:
+    """Placeholder for an array leaf inside a structure key."""
+
+    def __repr__(self) -> str:
+        return "<array>"
+
+
+_DYNAMIC = _Dynamic()
+
+
+class _Structure:
+    """A tree structure with its static leaves: how to rebuild an object from arrays."""
+
+    __slots__ = ("treedef", "statics", "n_dynamic", "immutable")
+
+    def __init__(self, treedef: Any, statics: tuple[Any, ...]):
+        self.treedef = treedef
+        self.statics = statics
+        self.n_dynamic = sum(1 for s in statics if s is _DYNAMIC)
+        self.immutable = _immutable(treedef)
+
+    def build(self, arrays: list[Any]) -> Any:
+        it = iter(arrays)
+        return self.treedef.unflatten([next(it) if s is _DYNAMIC else s for s in self.statics])
+
+
+def _immutable(treedef: Any) -> bool:
+    data = treedef.node_data()
+    if data is not None and data[0] in (list, dict):
+        return False
+    return all(_immutable(child) for child in treedef.children())
+
+
+class _Entry:
+    """One compiled function: for one tuple of argument structure ids."""
+
+    __slots__ = ("jitted", "out", "by_shape")
+
+    def __init__(self) -> None:
+        self.jitted: Any = None
+        # (structure of the output, [(start, stop, structure id) of each top-level
+        # element when the output is a tuple]) as found by the latest trace.
+        self.out: Any = None
+        # Set when two traces of this entry gave different output structures.
+        self.by_shape: dict[Any, Any] | None = None
+
+
+class _Jit:
+    def __init__(self, fn: Callable[..., Any], donate: str):
+        if donate not in _DONATE:
+            raise ValueError(f"donate={donate!r} is not one of {sorted(_DONATE)}")
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._donate = donate
+        self._quiet = donate in ("all", "all-except-first")
+        # A bound method or callable module carries arrays: trace them too.
+        self._fn_is_arg = any(isinstance(x, _ARRAY) for x in jtu.tree_leaves(fn))
+        self._structures: list[_Structure | None] = [None]
+        self._ids: dict[tuple[Any, Any], int] = {}
+        self._entries: dict[tuple[int, ...], _Entry] = {}
+        self._known: dict[int, tuple[Any, list[Any], int]] = {}
+
+    # -- per-argument flattening ----------------------------------------------------
+    def _split(self, x: Any, known: dict[int, Any], remember: dict[int, Any]) -> tuple[list[Any], int]:
+        if isinstance(x, _ARRAY):
+            return [x], _ARRAY_ID
+        hit = known.get(id(x))
+        if hit is not None and hit[0] is x:
+            remember[id(x)] = hit
+            return hit[1], hit[2]
+        leaves, treedef = jtu.tree_flatten(x)
+        dynamic = [leaf for leaf in leaves if isinstance(leaf, _ARRAY)]
+        statics = tuple(_DYNAMIC if isinstance(leaf, _ARRAY) else leaf for leaf in leaves)
+        sid = self._structure_id(treedef, statics)
+        structure = self._structures[sid]
+        if structure is not None and structure.immutable and not any(
+            isinstance(leaf, np.ndarray) for leaf in dynamic
+        ):
+            remember[id(x)] = (x, dynamic, sid)
+        return dynamic, sid
+
+    def _structure_id(self, treedef: Any, statics: tuple[Any, ...]) -> int:
+        key = (treedef, statics)
+        try:
+            sid = self._ids.get(key)
+        except TypeError as err:
+            bad = next((s for s in statics if not _hashable(s)), None)
+            raise TypeError(
+                f"treenn.jit({_name(self._fn)}): non-array argument leaves are static and "
+                f"must be hashable; got unhashable {type(bad).__name__}: {bad!r}"
+            ) from err
+        if sid is None:
+            sid = self._ids[key] = len(self._structures)
+            self._structures.append(_Structure(treedef, statics))
+        return sid
+
+    # -- call -------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        known, remember = self._known, {}
+        objects: tuple[Any, ...] = args
+        if self._fn_is_arg:
+            objects = (*objects, self._fn)
+        if kwargs:
+            objects = (*objects, kwargs)
+        first: list[Any] = []
+        rest: list[Any] = []
+        sids = []
+        for i, obj in enumerate(objects):
+            dynamic, sid = self._split(obj, known, remember)
+            sids.append(sid)
+            if i == 0:
+                first = dynamic
+            else:
+                rest = rest + dynamic
+        key = (len(args), bool(kwargs), *sids)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = self._compile(key)
+        jitted = entry.jitted
+        if entry.by_shape is not None:
+            jitted = self._by_shape(entry, key, first + rest)
+        if self._quiet:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                out_arrays = jitted(first, rest)
+        else:
+            out_arrays = jitted(first, rest)
+        out = self._rebuild(entry.out, out_arrays, remember)
+        self._known = remember
+        return out
+
+    def _rebuild(self, out_info: Any, arrays: list[Any], remember: dict[int, Any]) -> Any:
+        sid, parts = out_info
+        structure = self._structures[sid]
+        assert structure is not None
+        out = structure.build(arrays)
+        if parts is not None:
+            for element, (start, stop, part_sid) in zip(out, parts):
+                if part_sid is not None:
+                    remember[id(element)] = (element, arrays[start:stop], part_sid)
+        return out
+
+    def _compile(self, key: tuple[Any, ...]) -> _Entry:
+        n_args, has_kwargs, *sids = key
+        structures = [self._structures[sid] for sid in sids]
+        entry = _Entry()
+        fn = self._fn
+
+        def flat(first: list[Any], rest: list[Any]) -> list[Any]:
+            arrays = first + rest
+            objects = []
+            at = 0
+            for structure in structures:
+                if structure is None:
+                    objects.append(arrays[at])
+                    at += 1
+                else:
+                    objects.append(structure.build(arrays[at : at + structure.n_dynamic]))
+                    at += structure.n_dynamic
+            call_fn = objects[n_args] if self._fn_is_arg else fn
+            call_kwargs = objects[-1] if has_kwargs else {}
+            out = call_fn(*objects[:n_args], **call_kwargs)
+            out_info = self._describe_output(out)
+            if entry.out is not None and entry.out != out_info and entry.by_shape is None:
+                entry.by_shape = {}
+            entry.out = out_info
+            return [x for x in jtu.tree_leaves(out) if isinstance(x, _ARRAY)]
+
+        entry.jitted = jax.jit(flat, donate_argnums=_DONATE[self._donate])
+        return entry
+
+    def _describe_output(self, out: Any) -> tuple[int, Any]:
+        leaves, treedef = jtu.tree_flatten(out)
+        statics = tuple(_DYNAMIC if isinstance(x, _ARRAY) else x for x in leaves)
+        sid = self._structure_id(treedef, statics)
+        parts = None
+        if type(out) is tuple:
+            parts = []
+            start = 0
+            for element in out:
+                e_leaves, e_def = jtu.tree_flatten(element)
+                e_statics = tuple(_DYNAMIC if isinstance(x, _ARRAY) else x for x in e_leaves)
+                e_sid = self._structure_id(e_def, e_statics)
+                e_structure = self._structures[e_sid]
+                assert e_structure is not None
+                stop = start + e_structure.n_dynamic
+                parts.append((start, stop, e_sid if e_structure.immutable else None))
+                start = stop
+        return sid, parts
+
+    def _by_shape(self, entry: _Entry, key: tuple[Any, ...], arrays: list[Any]) -> Any:
+        # Rare: output structure depends on input shapes. One jit per shape signature,
+        # so each call's output structure is the one its own trace produced.
+        assert entry.by_shape is not None
+        signature = tuple((np.shape(x), np.result_type(x)) for x in arrays)
+        sub = entry.by_shape.get(signature)
+        if sub is None:
+            sub = entry.by_shape[signature] = self._compile(key)
+        jitted = sub.jitted
+
+        def call(first: list[Any], rest: list[Any]) -> list[Any]:
+            result = jitted(first, rest)
+            entry.out = sub.out
+            return result
+
+        return call
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def jit(
+    fn: Callable[..., Any] | None = None, *, donate: Donate = "none"
+) -> Any:
+    """Compile `fn` with XLA: array leaves of the arguments are traced, everything else
+    is static, as in `eqx.filter_jit`.
+
+    **Arguments:**
+
+    - `fn`: the function to compile. Its arguments may be any pytrees (models,
+        optimiser states, batches); non-array leaves must be hashable.
+    - `donate`: which argument buffers XLA may reuse for the outputs, as in
+        `eqx.filter_jit`: `"none"`, `"all"`, `"all-except-first"`, or `"warn"` /
+        `"warn-except-first"` (the same, but JAX's warning about unusable donations is
+        shown).
+
+    **Returns:** the compiled function; outputs may hold anything (models included).
+    Used as `@treenn.jit` or `@treenn.jit(donate="all")`.
+
+    !!! Example
+
+        ```python
+        @treenn.jit
+        def step(model, opt_state, x, y):
+            loss, grads = treenn.value_and_grad(loss_fn)(model, x, y)
+            updates, opt_state = tx.update(grads, opt_state, treenn.trainable(model))
+            return treenn.apply_updates(model, updates), opt_state, loss
+        ```
+    """
+    if fn is None:
+        return functools.partial(jit, donate=donate)
+    return _Jit(fn, donate)

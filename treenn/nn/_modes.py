@@ -1,0 +1,160 @@
+"""Modes: switching `inference` on mode-bearing modules by tree surgery.
+
+A mode-bearing module is any Equinox module with an `inference` field. treenn's layers
+also have a `pinned` field: a pinned module keeps its mode through later unpinned calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from .._selectors import Where, no_match, select
+from .._tree import dotted, field_names, is_mode_bearing, map_stopped, modules, replace_fields
+
+T = TypeVar("T")
+
+
+def eval_mode(model: T, where: Where = None, *, pin: bool = False) -> T:
+    """Put mode-bearing modules in evaluation mode (`inference=True`).
+
+    **Arguments:**
+
+    - `model`: a treenn or Equinox model.
+    - `where`: which modules (see selectors); `None` for all of them. A selected
+        module's mode-bearing descendants are selected too.
+    - `pin`: also pin the selected modules, so that later calls with `pin=False`
+        (such as `nn.train_mode(model)` each epoch) leave them in evaluation mode.
+
+    **Returns:** a new model; `model` is unchanged. Pinned modules are skipped unless
+    `pin=True`.
+
+    !!! Example
+
+        ```python
+        model = nn.eval_mode(model, "backbone.**", pin=True)  # frozen-BN recipe
+        model = nn.train_mode(model)   # the backbone's BatchNorm stays in eval
+        ```
+    """
+    return _switch(model, where, inference=True, pin=pin)
+
+
+def train_mode(model: T, where: Where = None, *, pin: bool = False) -> T:
+    """Put mode-bearing modules in training mode (`inference=False`).
+
+    **Arguments:**
+
+    - `model`: a treenn or Equinox model.
+    - `where`: which modules (see selectors); `None` for all of them.
+    - `pin`: also pin them in training mode (MC dropout at evaluation time).
+
+    **Returns:** a new model; pinned modules are skipped unless `pin=True`.
+
+    !!! Example
+
+        ```python
+        model = nn.train_mode(nn.eval_mode(model), nn.Dropout, pin=True)  # MC dropout
+        ```
+    """
+    return _switch(model, where, inference=False, pin=pin)
+
+
+def unpin(model: T, where: Where = None) -> T:
+    """Remove pins without changing modes.
+
+    **Arguments:**
+
+    - `model`: a treenn or Equinox model.
+    - `where`: which modules (see selectors); `None` for all of them.
+
+    **Returns:** a new model.
+
+    !!! Example
+
+        ```python
+        model = nn.unpin(model, "backbone.**")
+        ```
+    """
+    return _edit(model, where, lambda path, m: _with(m, pinned=False) if _pinned(m) else m)
+
+
+def modes(model: Any) -> dict[str, bool]:
+    """Every mode-bearing module's `inference` flag, by dotted path.
+
+    **Arguments:**
+
+    - `model`: a treenn or Equinox model.
+
+    **Returns:** `{path: inference}`, `True` meaning evaluation mode; the root's path is
+    `""`.
+
+    !!! Example
+
+        ```python
+        nn.modes(model)  # {'backbone.bn1': True, 'dropout': False}
+        ```
+    """
+    return {
+        dotted(path): bool(module.inference)
+        for path, module, _ in modules(model)
+        if module is not None and is_mode_bearing(module)
+    }
+
+
+def pinned(model: Any) -> dict[str, bool]:
+    """Every mode-bearing module's pin, by dotted path (`False` where it cannot pin)."""
+    return {
+        dotted(path): _pinned(module)
+        for path, module, _ in modules(model)
+        if module is not None and is_mode_bearing(module)
+    }
+
+
+def _pinned(module: Any) -> bool:
+    return bool(module.__dict__.get("pinned", False))
+
+
+def _with(module: Any, **changes: Any) -> Any:
+    state = module.__dict__
+    if all(state.get(k) is v for k, v in changes.items()):
+        return module  # unchanged: keep identity (cheaper, and jit caches stay warm)
+    return replace_fields(module, **changes)
+
+
+def _switch(model: Any, where: Any, *, inference: bool, pin: bool) -> Any:
+    def edit(path: Any, module: Any) -> Any:
+        if pin:
+            if "pinned" not in field_names(type(module)):
+                raise ValueError(
+                    f"cannot pin {type(module).__module__}.{type(module).__qualname__} at "
+                    f"{dotted(path)!r}: it has no `pinned` field. Use the treenn.nn layer, "
+                    "or switch it without pin=True"
+                )
+            return _with(module, inference=inference, pinned=True)
+        if _pinned(module):
+            return module
+        return _with(module, inference=inference)
+
+    return _edit(model, where, edit)
+
+
+def _edit(model: Any, where: Any, edit: Any) -> Any:
+    selection = select(where, model)
+    seen: list[str] = []
+    acted = False
+
+    def visit(path: Any, module: Any) -> Any:
+        nonlocal acted
+        if selection is not None:
+            name = dotted(path)
+            seen.append(name)
+            if not selection.covers(name):
+                return module
+        acted = True
+        return edit(path, module)
+
+    new = map_stopped(model, is_mode_bearing, visit)
+    if is_mode_bearing(model):
+        new = visit((), new)
+    if selection is not None and not acted:
+        raise no_match(where, "mode-bearing module (one with an `inference` field)", seen)
+    return new
