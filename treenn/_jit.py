@@ -26,6 +26,9 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
+from ._fastbuild import builder
+from ._status import is_array
+
 Donate = Literal["none", "all", "all-except-first", "warn", "warn-except-first"]
 
 _DONATE: dict[str, tuple[int, ...]] = {
@@ -35,7 +38,6 @@ _DONATE: dict[str, tuple[int, ...]] = {
     "warn": (0, 1),
     "warn-except-first": (1,),
 }
-_ARRAY = (jax.Array, np.ndarray, np.generic)
 _ARRAY_ID = 0  # structure id of a bare array argument
 
 
@@ -52,17 +54,24 @@ _DYNAMIC = _Dynamic()
 class _Structure:
     """A tree structure with its static leaves: how to rebuild an object from arrays."""
 
-    __slots__ = ("treedef", "statics", "n_dynamic", "immutable")
+    __slots__ = ("treedef", "statics", "n_dynamic", "immutable", "_fast")
 
     def __init__(self, treedef: Any, statics: tuple[Any, ...]):
         self.treedef = treedef
         self.statics = statics
         self.n_dynamic = sum(1 for s in statics if s is _DYNAMIC)
         self.immutable = _immutable(treedef)
+        self._fast: Callable[[list[Any]], Any] | None = None
 
     def build(self, arrays: list[Any]) -> Any:
         it = iter(arrays)
         return self.treedef.unflatten([next(it) if s is _DYNAMIC else s for s in self.statics])
+
+    def build_fast(self, arrays: list[Any]) -> Any:
+        """`build`, through code generated for this structure (for per-call outputs)."""
+        if self._fast is None:
+            self._fast = builder(self.treedef, self.statics, _DYNAMIC)
+        return self._fast(arrays)
 
 
 def _immutable(treedef: Any) -> bool:
@@ -95,7 +104,7 @@ class _Jit:
         self._donate = donate
         self._quiet = donate in ("all", "all-except-first")
         # A bound method or callable module carries arrays: trace them too.
-        self._fn_is_arg = any(isinstance(x, _ARRAY) for x in jtu.tree_leaves(fn))
+        self._fn_is_arg = any(is_array(x) for x in jtu.tree_leaves(fn))
         self._structures: list[_Structure | None] = [None]
         self._ids: dict[tuple[Any, Any], int] = {}
         self._entries: dict[tuple[int, ...], _Entry] = {}
@@ -103,15 +112,15 @@ class _Jit:
 
     # -- per-argument flattening ----------------------------------------------------
     def _split(self, x: Any, known: dict[int, Any], remember: dict[int, Any]) -> tuple[list[Any], int]:
-        if isinstance(x, _ARRAY):
+        if is_array(x):
             return [x], _ARRAY_ID
         hit = known.get(id(x))
         if hit is not None and hit[0] is x:
             remember[id(x)] = hit
             return hit[1], hit[2]
         leaves, treedef = jtu.tree_flatten(x)
-        dynamic = [leaf for leaf in leaves if isinstance(leaf, _ARRAY)]
-        statics = tuple(_DYNAMIC if isinstance(leaf, _ARRAY) else leaf for leaf in leaves)
+        dynamic = [leaf for leaf in leaves if is_array(leaf)]
+        statics = tuple(_DYNAMIC if is_array(leaf) else leaf for leaf in leaves)
         sid = self._structure_id(treedef, statics)
         structure = self._structures[sid]
         if structure is not None and structure.immutable and not any(
@@ -137,7 +146,8 @@ class _Jit:
 
     # -- call -------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        known, remember = self._known, {}
+        known = self._known
+        remember: dict[int, tuple[Any, list[Any], int]] = {}
         objects: tuple[Any, ...] = args
         if self._fn_is_arg:
             objects = (*objects, self._fn)
@@ -174,7 +184,7 @@ class _Jit:
         sid, parts = out_info
         structure = self._structures[sid]
         assert structure is not None
-        out = structure.build(arrays)
+        out = structure.build_fast(arrays)
         if parts is not None:
             for element, (start, stop, part_sid) in zip(out, parts):
                 if part_sid is not None:
@@ -205,14 +215,14 @@ class _Jit:
             if entry.out is not None and entry.out != out_info and entry.by_shape is None:
                 entry.by_shape = {}
             entry.out = out_info
-            return [x for x in jtu.tree_leaves(out) if isinstance(x, _ARRAY)]
+            return [x for x in jtu.tree_leaves(out) if is_array(x)]
 
         entry.jitted = jax.jit(flat, donate_argnums=_DONATE[self._donate])
         return entry
 
     def _describe_output(self, out: Any) -> tuple[int, Any]:
         leaves, treedef = jtu.tree_flatten(out)
-        statics = tuple(_DYNAMIC if isinstance(x, _ARRAY) else x for x in leaves)
+        statics = tuple(_DYNAMIC if is_array(x) else x for x in leaves)
         sid = self._structure_id(treedef, statics)
         parts = None
         if type(out) is tuple:
@@ -220,7 +230,7 @@ class _Jit:
             start = 0
             for element in out:
                 e_leaves, e_def = jtu.tree_flatten(element)
-                e_statics = tuple(_DYNAMIC if isinstance(x, _ARRAY) else x for x in e_leaves)
+                e_statics = tuple(_DYNAMIC if is_array(x) else x for x in e_leaves)
                 e_sid = self._structure_id(e_def, e_statics)
                 e_structure = self._structures[e_sid]
                 assert e_structure is not None

@@ -141,7 +141,7 @@ def _register(cls: type[Mark]) -> None:
     jtu.register_pytree_with_keys(
         cls,
         lambda m: (((key, m.value),), None),
-        lambda _, children: cls(children[0]),
+        lambda _, children: cls(*children),
         lambda m: ((m.value,), None),
     )
 
@@ -151,6 +151,19 @@ _register(Buffer)
 
 MARK_TYPES: frozenset[type] = frozenset({Frozen, Buffer})
 ARRAY_TYPES: tuple[type, ...] = (jax.Array, np.ndarray, np.generic)
+
+
+_IS_ARRAY: dict[type, bool] = {}
+
+
+def is_array(x: Any) -> bool:
+    """`isinstance(x, ARRAY_TYPES)`, cached per type: `jax.Array`'s isinstance check is
+    an ABC lookup that costs over a microsecond for an Equinox module."""
+    kind = type(x)
+    known = _IS_ARRAY.get(kind)
+    if known is None:
+        known = _IS_ARRAY[kind] = isinstance(x, ARRAY_TYPES)
+    return known
 
 
 def is_mark(x: Any) -> bool:
@@ -169,13 +182,13 @@ def _is_inexact(dtype: Any) -> bool:
 
 
 def is_float_array(x: Any) -> bool:
-    return isinstance(x, ARRAY_TYPES) and _is_inexact(x.dtype)
+    return is_array(x) and _is_inexact(x.dtype)
 
 
 def status_of(leaf: Any) -> Status:
     """Status of a leaf of a tree flattened with marks as leaves."""
     if type(leaf) in MARK_TYPES:
         return leaf.status
-    if isinstance(leaf, ARRAY_TYPES) and _is_inexact(leaf.dtype):
+    if is_array(leaf) and _is_inexact(leaf.dtype):
         return Status.TRAINABLE
     return Status.STATIC

@@ -7,17 +7,16 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._status import ARRAY_TYPES, MARK_TYPES, Status, status_of
-from ._tree import dotted, flatten
+from ._status import ARRAY_TYPES, Status, status_of
+from ._tree import dotted, flatten, leaves
 
 T = TypeVar("T")
 
 
-def _none_or_mark(x: Any) -> bool:
-    return x is None or type(x) in MARK_TYPES
+def _is_none(x: Any) -> bool:
+    return x is None
 
 
 def partition(model: T) -> tuple[Any, Any]:
@@ -39,17 +38,17 @@ def partition(model: T) -> tuple[Any, Any]:
         opt_state = optax.adam(1e-3).init(params)
         ```
     """
-    leaves, treedef = jtu.tree_flatten(model, is_leaf=_none_or_mark)
+    flat, treedef = leaves(model, _is_none)
     train: list[Any] = []
     rest: list[Any] = []
-    for leaf in leaves:
+    for leaf in flat:
         if status_of(leaf) is Status.TRAINABLE:
             train.append(leaf)
             rest.append(None)
         else:
             train.append(None)
             rest.append(leaf)
-    return treedef.unflatten(train), treedef.unflatten(rest)
+    return jtu.tree_unflatten(treedef, train), jtu.tree_unflatten(treedef, rest)
 
 
 def trainable(model: T) -> Any:
@@ -88,17 +87,17 @@ def combine(trainable: Any, rest: Any) -> Any:
         model = treenn.combine(*treenn.partition(model))
         ```
     """
-    t_leaves, t_def = jtu.tree_flatten(trainable, is_leaf=_none_or_mark)
-    r_leaves, r_def = jtu.tree_flatten(rest, is_leaf=_none_or_mark)
+    t_leaves, t_def = leaves(trainable, _is_none)
+    r_leaves, r_def = leaves(rest, _is_none)
     if t_def != r_def:
         raise ValueError("combine: " + structure_mismatch(trainable, rest, "trainable", "rest"))
-    return r_def.unflatten([r if t is None else t for t, r in zip(t_leaves, r_leaves)])
+    return jtu.tree_unflatten(r_def, [r if t is None else t for t, r in zip(t_leaves, r_leaves)])
 
 
 def structure_mismatch(a: Any, b: Any, a_name: str, b_name: str) -> str:
     """Describe where two trees' structures first differ, by dotted path."""
-    a_paths, a_leaves, _ = flatten(a, _none_or_mark)
-    b_paths, b_leaves, _ = flatten(b, _none_or_mark)
+    a_paths, a_leaves, _ = flatten(a, _is_none)
+    b_paths, b_leaves, _ = flatten(b, _is_none)
     a_names = [dotted(p) for p in a_paths]
     b_names = [dotted(p) for p in b_paths]
     only_a = sorted(set(a_names) - set(b_names))
@@ -142,8 +141,8 @@ def apply_updates(model: T, updates: Any) -> T:
         ```
     """
     params, rest = partition(model)
-    p_leaves, p_def = jtu.tree_flatten(params, is_leaf=_none_or_mark)
-    u_leaves, u_def = jtu.tree_flatten(updates, is_leaf=_none_or_mark)
+    p_leaves, p_def = leaves(params, _is_none)
+    u_leaves, u_def = leaves(updates, _is_none)
     if p_def != u_def:
         raise ValueError(
             "apply_updates: updates do not match the model's trainable arrays; "
@@ -155,14 +154,14 @@ def apply_updates(model: T, updates: Any) -> T:
         if p is None or u is None:
             new.append(p)
             continue
-        if not isinstance(u, ARRAY_TYPES) or jnp.shape(u) != jnp.shape(p):
-            paths = paths or flatten(params, _none_or_mark)[0]
+        if not isinstance(u, ARRAY_TYPES) or getattr(u, "shape", None) != p.shape:
+            paths = paths or flatten(params, _is_none)[0]
             raise ValueError(
                 f"apply_updates: update for {dotted(paths[i])!r} has shape "
                 f"{getattr(u, 'shape', type(u).__name__)}, the array has shape {p.shape}"
             )
         new.append((p + u).astype(p.dtype))
-    return combine(p_def.unflatten(new), rest)
+    return combine(jtu.tree_unflatten(p_def, new), rest)
 
 
 def value_and_grad(
@@ -214,7 +213,7 @@ def value_and_grad(
             return result, grads
         value, arrays = result
         treedef, others = static[-1]
-        aux = treedef.unflatten([a if o is None else o for a, o in zip(arrays, others)])
+        aux = jtu.tree_unflatten(treedef, [a if o is None else o for a, o in zip(arrays, others)])
         return (value, aux), grads
 
     return wrapper

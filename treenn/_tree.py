@@ -45,6 +45,13 @@ def flatten(
     return paths, leaves, treedef
 
 
+def leaves(tree: Any, stop: Stop | None = None) -> tuple[list[Any], Any]:
+    """Flatten `tree` into `(leaves, treedef)`, without paths (cheaper), status marks
+    kept whole."""
+    is_leaf = _is_mark if stop is None else (lambda x: type(x) in MARK_TYPES or stop(x))
+    return jtu.tree_flatten(tree, is_leaf=is_leaf)
+
+
 def unflatten(treedef: Any, leaves: list[Any]) -> Any:
     return jtu.tree_unflatten(treedef, leaves)
 

@@ -1,0 +1,89 @@
+"""Shared fixtures. The suite runs strict, as Equinox's does: rank promotion raises,
+dtype promotion is strict, warnings are errors (pyproject.toml), and `treenn` is checked
+at runtime by jaxtyping + beartype (`--jaxtyping-packages`, pyproject.toml)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import treenn
+import treenn.nn as nn
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@contextlib.contextmanager
+def optax_promotion() -> Iterator[None]:
+    """optax mixes Python floats with int32 step counts, which strict promotion rejects;
+    use around optax calls only (treenn itself stays strict)."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+class Net(treenn.Module):
+    """A small conv net with every first-set layer: paths `backbone.layers.{0..4}`
+    (Conv2d, BatchNorm, relu, Dropout, Conv2d) and `head` (Linear)."""
+
+    backbone: nn.Sequential
+    head: nn.Linear
+
+    def __init__(self, *, key: jax.Array, classes: int = 3):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, key=k1),
+            nn.BatchNorm(4),
+            jax.nn.relu,
+            nn.Dropout(0.25),
+            nn.Conv2d(4, 4, 3, padding=1, key=k2),
+        )
+        self.head = nn.Linear(4, classes, key=k3)
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        h = self.backbone(x, key=key)
+        return self.head(jnp.mean(h, axis=(-3, -2)))
+
+
+class EqxUser(treenn.Module):
+    """A treenn module holding plain Equinox layers."""
+
+    mlp: eqx.nn.MLP
+    drop: eqx.nn.Dropout
+
+    def __init__(self, *, key: jax.Array):
+        self.mlp = eqx.nn.MLP(3, 2, 8, 2, key=key)
+        self.drop = eqx.nn.Dropout(0.5)
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        return self.drop(self.mlp(x), key=key)
+
+
+@pytest.fixture
+def key() -> jax.Array:
+    return jax.random.key(0)
+
+
+@pytest.fixture
+def net(key: jax.Array) -> Net:
+    return Net(key=key)
+
+
+@pytest.fixture
+def images(key: jax.Array) -> jax.Array:
+    return jax.random.normal(jax.random.fold_in(key, 1), (6, 5, 5, 3))
+
+
+@pytest.fixture
+def labels() -> jax.Array:
+    return jnp.array([0, 1, 2, 0, 1, 2])
+
+
+@pytest.fixture
+def eqx_user(key: jax.Array) -> EqxUser:
+    return EqxUser(key=key)

@@ -1,0 +1,544 @@
+"""`treenn.save` / `treenn.load`: bit-exact safetensors checkpoints of arrays, frozen
+status, modes and pins; atomic writes; clear errors for files that do not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import treenn
+import treenn.nn as nn
+from conftest import Net
+from treenn import CheckpointError
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+class Rich(treenn.Module):
+    """Net plus every kind of leaf a checkpoint must carry."""
+
+    net: Net
+    half: nn.Linear  # bfloat16 parameters
+    drop: nn.Dropout
+    steps: jax.Array  # int32
+    rng: jax.Array  # typed threefry key
+    rbg: jax.Array  # typed rbg key (other impl, other data shape)
+    legacy: jax.Array  # raw uint32 key data
+
+    def __init__(self, *, key: jax.Array):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        self.net = Net(key=k1)
+        self.half = nn.Linear(2, 3, dtype=jnp.bfloat16, key=k2)
+        self.drop = nn.Dropout(0.1)
+        self.steps = jnp.array([3, -7], jnp.int32)
+        self.rng = k3
+        self.rbg = jax.random.key(int(jax.random.randint(k4, (), 0, 1000)), impl="rbg")
+        self.legacy = jax.random.key_data(k4)
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        return self.net(x, key=key)
+
+
+F32_BITS = np.array(
+    [
+        0x00000000,  # +0.0
+        0x80000000,  # -0.0
+        0x7F800000,  # +inf
+        0xFF800000,  # -inf
+        0x7FC00001,  # quiet NaN with payload
+        0xFFC12345,  # negative quiet NaN with payload
+        0x7F800001,  # signalling NaN
+        0x00000001,  # smallest subnormal
+        0x807FFFFF,  # largest negative subnormal
+        0x7F7FFFFF,  # max float32
+        0x3F800000,  # 1.0
+        0xBFC00000,  # -1.5
+    ],
+    np.uint32,
+)
+BF16_BITS = np.array([0x8000, 0x7FC1, 0x0001, 0x3F80, 0xFF80, 0x7F7F], np.uint16)
+
+
+def special(model: Rich) -> Rich:
+    """Odd bit patterns, frozen parts, modes and pins: everything a load must restore."""
+    model = eqx.tree_at(
+        lambda m: (m.net.head.weight, m.half.weight, m.steps),
+        model,
+        (
+            jnp.asarray(F32_BITS.view(np.float32).reshape(3, 4)),
+            jnp.asarray(BF16_BITS.view(ml_dtypes.bfloat16).reshape(3, 2)),
+            jnp.array([np.iinfo(np.int32).min, np.iinfo(np.int32).max], jnp.int32),
+        ),
+    )
+    model = treenn.freeze(model, "net.backbone.**")
+    model = treenn.freeze(model, "half.bias")
+    model = nn.eval_mode(model, nn.BatchNorm, pin=True)  # the frozen-BN recipe
+    model = nn.eval_mode(model, "net.backbone.layers.3")  # Dropout in eval, unpinned
+    model = nn.train_mode(model, "drop", pin=True)  # pinned in *training* mode
+    return model
+
+
+def leaf_bytes(x: Any) -> Any:
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return x  # a non-array leaf (an activation function): compared as is
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return "key:" + str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)).tobytes()
+    return str(np.dtype(x.dtype)), np.asarray(x).tobytes()
+
+
+def assert_identical(a: Any, b: Any) -> None:
+    """Same structure (status marks, static fields such as modes and pins, None
+    positions), same dtypes, same bytes."""
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    la = jax.tree_util.tree_leaves_with_path(a)
+    lb = jax.tree_util.tree_leaves_with_path(b)
+    assert len(la) == len(lb)
+    for (pa, xa), (pb, xb) in zip(la, lb):
+        assert pa == pb
+        assert leaf_bytes(xa) == leaf_bytes(xb), jax.tree_util.keystr(pa)
+    assert nn.modes(a) == nn.modes(b)
+    assert nn.pinned(a) == nn.pinned(b)
+    sa = jax.tree_util.tree_structure(treenn.trainable(a))
+    assert sa == jax.tree_util.tree_structure(treenn.trainable(b))
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], bytes]:
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    return header, data[8 + size :]
+
+
+def write_raw(path: Path, header: dict[str, Any], body: bytes) -> None:
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + body)
+
+
+def two_linears(key: jax.Array, n: int = 2, out: int = 3, dtype: Any = None) -> nn.Sequential:
+    keys = jax.random.split(key, n)
+    return nn.Sequential(*[nn.Linear(2 if i == 0 else out, out, dtype=dtype, key=k) for i, k in enumerate(keys)])
+
+
+# -- round trips -------------------------------------------------------------------------
+
+
+def test_round_trip_restores_bits_status_modes_and_pins(tmp_path: Path, key: jax.Array) -> None:
+    model = special(Rich(key=key))
+    like = Rich(key=jax.random.key(123))  # default state: trainable, train mode, unpinned
+    # The test can fail: `like` really differs from `model` before loading.
+    assert jax.tree_util.tree_structure(like) != jax.tree_util.tree_structure(model)
+    assert not np.array_equal(np.asarray(like.net.head.bias), np.asarray(model.net.head.bias))
+
+    path = tmp_path / "model.safetensors"
+    treenn.save(path, model)
+    loaded = treenn.load(path, like)
+
+    assert type(loaded) is Rich
+    assert_identical(loaded, model)
+    # Spelled out, each came from the file and not from `like`:
+    head_bits = np.asarray(loaded.net.head.weight).view(np.uint32).reshape(-1)
+    np.testing.assert_array_equal(head_bits, F32_BITS)  # NaN payloads, -0.0, subnormals
+    half_bits = np.asarray(loaded.half.weight).view(np.uint16).reshape(-1)
+    np.testing.assert_array_equal(half_bits, BF16_BITS)
+    assert loaded.half.weight.dtype == jnp.bfloat16
+    assert loaded.steps.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(loaded.steps), [np.iinfo(np.int32).min, np.iinfo(np.int32).max])
+    trainable = treenn.trainable(loaded)
+    assert trainable.net.backbone.layers[0].weight is None  # frozen backbone
+    assert trainable.net.backbone.layers[1].running_mean is None  # buffer
+    assert trainable.half.bias is None and trainable.half.weight is not None
+    assert trainable.net.head.weight is not None
+    assert nn.modes(loaded) == {
+        "net.backbone.layers.1": True,
+        "net.backbone.layers.3": True,
+        "drop": False,
+    }
+    assert nn.pinned(loaded) == {
+        "net.backbone.layers.1": True,
+        "net.backbone.layers.3": False,
+        "drop": True,
+    }
+    # `like` is untouched.
+    assert nn.modes(like) == {"net.backbone.layers.1": False, "net.backbone.layers.3": False, "drop": False}
+
+
+def test_round_trip_file_state_overrides_like_state(tmp_path: Path, key: jax.Array) -> None:
+    """The other direction: a default model loaded into a frozen/eval/pinned `like`
+    comes back trainable, in training mode and unpinned."""
+    model = Rich(key=key)
+    like = special(Rich(key=jax.random.key(5)))
+    path = tmp_path / "model.safetensors"
+    treenn.save(str(path), model)  # str paths work as well as Path
+    loaded = treenn.load(str(path), like)
+    assert_identical(loaded, model)
+    assert all(not v for v in nn.pinned(loaded).values())
+    assert all(not v for v in nn.modes(loaded).values())
+
+
+def test_prng_keys_round_trip(tmp_path: Path, key: jax.Array) -> None:
+    model = Rich(key=key)
+    like = Rich(key=jax.random.key(99))
+    treenn.save(tmp_path / "k.safetensors", model)
+    loaded = treenn.load(tmp_path / "k.safetensors", like)
+    for name in ("rng", "rbg"):
+        got, want = getattr(loaded, name), getattr(model, name)
+        assert jnp.issubdtype(got.dtype, jax.dtypes.prng_key)
+        assert str(jax.random.key_impl(got)) == str(jax.random.key_impl(want))
+        np.testing.assert_array_equal(np.asarray(jax.random.key_data(got)), np.asarray(jax.random.key_data(want)))
+        # Usable, and the same stream as the original key.
+        np.testing.assert_array_equal(np.asarray(jax.random.normal(got, (3,))), np.asarray(jax.random.normal(want, (3,))))
+    assert loaded.legacy.dtype == jnp.uint32
+    np.testing.assert_array_equal(np.asarray(loaded.legacy), np.asarray(model.legacy))
+
+
+def test_numpy_leaves_keep_dtype_and_bits(tmp_path: Path) -> None:
+    """Equinox models may hold NumPy arrays; float64/int64 ones must not be squeezed
+    into JAX's 32-bit defaults on load."""
+
+    class Consts(eqx.Module):
+        table: np.ndarray
+        ids: np.ndarray
+
+    model = Consts(np.array([1 / 3, -0.0, np.pi], np.float64), np.array([2**40, -1], np.int64))
+    like = Consts(np.zeros(3, np.float64), np.zeros(2, np.int64))
+    treenn.save(tmp_path / "c.safetensors", model)
+    loaded = treenn.load(tmp_path / "c.safetensors", like)
+    assert np.dtype(loaded.table.dtype) == np.float64
+    assert np.dtype(loaded.ids.dtype) == np.int64
+    assert np.asarray(loaded.table).tobytes() == model.table.tobytes()
+    assert np.asarray(loaded.ids).tobytes() == model.ids.tobytes()
+
+
+def test_plain_equinox_mlp_round_trips(tmp_path: Path, key: jax.Array) -> None:
+    mlp = treenn.freeze(eqx.nn.MLP(3, 2, 4, 2, key=key), "layers.0")
+    like = eqx.nn.MLP(3, 2, 4, 2, key=jax.random.key(8))
+    treenn.save(tmp_path / "mlp.safetensors", mlp)
+    loaded = treenn.load(tmp_path / "mlp.safetensors", like)
+    assert isinstance(loaded, eqx.nn.MLP)
+    assert_identical(loaded, mlp)
+    assert treenn.trainable(loaded).layers[0].weight is None
+    assert treenn.trainable(loaded).layers[1].weight is not None
+    x = jnp.arange(3.0)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(mlp(x)))
+
+
+def test_equinox_dropout_mode_round_trips(tmp_path: Path, eqx_user: Any, key: jax.Array) -> None:
+    model = nn.eval_mode(eqx_user)
+    assert model.drop.inference is True
+    like = type(eqx_user)(key=jax.random.key(4))
+    assert like.drop.inference is False
+    treenn.save(tmp_path / "u.safetensors", model)
+    loaded = treenn.load(tmp_path / "u.safetensors", like)
+    assert loaded.drop.inference is True
+    assert_identical(loaded, model)
+
+
+def test_unpinned_treenn_mode_loads_into_equinox_layer(tmp_path: Path, key: jax.Array) -> None:
+    """A mode (not a pin) moves between a treenn Dropout and an Equinox one at the same path."""
+
+    class Mine(treenn.Module):
+        mlp: eqx.nn.MLP
+        drop: nn.Dropout
+
+        def __init__(self, *, key: jax.Array):
+            self.mlp = eqx.nn.MLP(3, 2, 8, 2, key=key)
+            self.drop = nn.Dropout(0.5, inference=True)
+
+    from conftest import EqxUser
+
+    treenn.save(tmp_path / "m.safetensors", Mine(key=key))
+    loaded = treenn.load(tmp_path / "m.safetensors", EqxUser(key=jax.random.key(1)))
+    assert isinstance(loaded.drop, eqx.nn.Dropout)
+    assert loaded.drop.inference is True
+
+
+# -- the file ----------------------------------------------------------------------------
+
+
+def test_file_is_safetensors_keyed_by_dotted_paths(tmp_path: Path, key: jax.Array) -> None:
+    model = special(Rich(key=key))
+    path = tmp_path / "model.safetensors"
+    treenn.save(path, model)
+    header, body = read_header(path)
+    size = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert path.read_bytes()[8:9] == b"{"
+    assert len(path.read_bytes()) == 8 + size + len(body)
+    metadata = header.pop("__metadata__")
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+
+    expected = {
+        "net.backbone.layers.0.weight": ("F32", [4, 3, 3, 3]),
+        "net.backbone.layers.0.bias": ("F32", [4]),
+        "net.backbone.layers.1.weight": ("F32", [4]),
+        "net.backbone.layers.1.bias": ("F32", [4]),
+        "net.backbone.layers.1.running_mean": ("F32", [4]),
+        "net.backbone.layers.1.running_var": ("F32", [4]),
+        "net.backbone.layers.4.weight": ("F32", [4, 4, 3, 3]),
+        "net.backbone.layers.4.bias": ("F32", [4]),
+        "net.head.weight": ("F32", [3, 4]),
+        "net.head.bias": ("F32", [3]),
+        "half.weight": ("BF16", [3, 2]),
+        "half.bias": ("BF16", [3]),
+        "steps": ("I32", [2]),
+        "rng": ("U32", [2]),
+        "rbg": ("U32", [4]),
+        "legacy": ("U32", [2]),
+    }
+    assert {k: (v["dtype"], v["shape"]) for k, v in header.items()} == expected
+
+    # Offsets tile the body exactly, and each slice holds the array's little-endian bytes.
+    spans = sorted(tuple(v["data_offsets"]) for v in header.values())
+    assert spans[0][0] == 0 and spans[-1][1] == len(body)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    values = {
+        "net.head.weight": model.net.head.weight,
+        "half.weight": model.half.weight,
+        "net.backbone.layers.0.weight": model.net.backbone.layers[0].weight,
+        "net.backbone.layers.1.running_var": model.net.backbone.layers[1].running_var,
+        "steps": model.steps,
+        "rng": jax.random.key_data(model.rng),
+    }
+    for name, value in values.items():
+        begin, end = header[name]["data_offsets"]
+        arr = np.asarray(value)
+        assert body[begin:end] == arr.astype(arr.dtype.newbyteorder("<")).tobytes(), name
+
+
+def test_file_reads_with_the_safetensors_library(tmp_path: Path, net: Net) -> None:
+    path = tmp_path / "net.safetensors"
+    treenn.save(path, treenn.freeze(net, "backbone.**"))
+    tensors = safetensors.numpy.load_file(str(path))
+    assert set(tensors) == {
+        "backbone.layers.0.weight", "backbone.layers.0.bias",
+        "backbone.layers.1.weight", "backbone.layers.1.bias",
+        "backbone.layers.1.running_mean", "backbone.layers.1.running_var",
+        "backbone.layers.4.weight", "backbone.layers.4.bias",
+        "head.weight", "head.bias",
+    }  # fmt: skip
+    np.testing.assert_array_equal(tensors["backbone.layers.0.weight"], np.asarray(net.backbone.layers[0].weight))
+    np.testing.assert_array_equal(tensors["head.weight"], np.asarray(net.head.weight))
+
+
+def test_foreign_safetensors_file_loads_by_name(tmp_path: Path, net: Net) -> None:
+    """A state dict written by another tool (no treenn metadata) loads by dotted name;
+    the structure and statuses come from `like`."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for p, x in jax.tree_util.tree_leaves_with_path(net):
+        name = ".".join(str(getattr(k, "name", getattr(k, "idx", ""))) for k in p)
+        name = re.sub(r"\.+", ".", name).strip(".")
+        tensors[name] = rng.standard_normal(x.shape).astype(np.float32)
+    path = tmp_path / "foreign.safetensors"
+    safetensors.numpy.save_file(tensors, str(path))
+    like = treenn.freeze(net, "backbone.**")
+    loaded = treenn.load(path, like)
+    np.testing.assert_array_equal(np.asarray(loaded.head.weight), tensors["head.weight"])
+    np.testing.assert_array_equal(
+        np.asarray(loaded.backbone.layers[1].running_var), tensors["backbone.layers.1.running_var"]
+    )
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(like)
+
+
+# -- atomic writes ---------------------------------------------------------------------------
+
+
+def test_save_leaves_no_temporary_files(tmp_path: Path, net: Net) -> None:
+    path = tmp_path / "model.safetensors"
+    treenn.save(path, net)
+    treenn.save(path, treenn.freeze(net))  # overwrite
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert treenn.trainable(treenn.load(path, net)).head.weight is None
+
+
+def _assert_previous_checkpoint_intact(tmp_path: Path, path: Path, before: bytes, net: Net) -> None:
+    assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
+    assert path.read_bytes() == before
+    assert_identical(treenn.load(path, Net(key=jax.random.key(77))), net)
+
+
+def test_failing_rename_keeps_previous_checkpoint(
+    tmp_path: Path, net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "model.safetensors"
+    treenn.save(path, net)
+    before = path.read_bytes()
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise OSError("simulated crash during rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        treenn.save(path, treenn.freeze(nn.eval_mode(net)))
+    monkeypatch.undo()
+    _assert_previous_checkpoint_intact(tmp_path, path, before, net)
+
+
+def test_failing_write_keeps_previous_checkpoint(
+    tmp_path: Path, net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "model.safetensors"
+    treenn.save(path, net)
+    before = path.read_bytes()
+
+    def crash(fd: int) -> None:
+        raise OSError("simulated disk failure")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="simulated disk failure"):
+        treenn.save(path, treenn.freeze(net))
+    monkeypatch.undo()
+    _assert_previous_checkpoint_intact(tmp_path, path, before, net)
+
+
+def test_unsavable_dtype_is_a_clear_error_and_keeps_previous_checkpoint(tmp_path: Path, net: Net) -> None:
+    class Packed(treenn.Module):
+        net: Net
+        codes: jax.Array
+
+    path = tmp_path / "model.safetensors"
+    treenn.save(path, net)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"'codes'.*int4"):
+        treenn.save(path, Packed(net, jnp.zeros((4,), jnp.int4)))
+    _assert_previous_checkpoint_intact(tmp_path, path, before, net)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_checkpoint_error_is_a_value_error() -> None:
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_missing_file(tmp_path: Path, net: Net) -> None:
+    path = tmp_path / "nope" / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        treenn.load(path, net)
+
+
+def test_extra_layer_in_model_names_missing_paths(tmp_path: Path, key: jax.Array) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, two_linears(key, 2))
+    with pytest.raises(CheckpointError, match=r"missing from the file") as err:
+        treenn.load(path, two_linears(key, 3))
+    assert "'layers.2.weight'" in str(err.value) and "'layers.2.bias'" in str(err.value)
+    assert "'layers.1.weight'" not in str(err.value)
+
+
+def test_missing_layer_in_model_names_unexpected_paths(tmp_path: Path, key: jax.Array) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, two_linears(key, 3))
+    with pytest.raises(CheckpointError, match=r"not in the model") as err:
+        treenn.load(path, two_linears(key, 2))
+    assert "'layers.2.weight'" in str(err.value) and "'layers.2.bias'" in str(err.value)
+
+
+def test_shape_mismatch_names_path_and_both_shapes(tmp_path: Path, key: jax.Array) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, nn.Linear(2, 3, key=key))
+    with pytest.raises(CheckpointError, match=r"'weight'") as err:
+        treenn.load(path, nn.Linear(2, 4, key=key))
+    msg = str(err.value)
+    assert re.search(r"'weight'[^;]*\[3, 2\][^;]*\[4, 2\]", msg), msg
+    assert re.search(r"'bias'[^;]*\[3\][^;]*\[4\]", msg), msg
+
+
+def test_dtype_mismatch_names_path_and_both_dtypes(tmp_path: Path, key: jax.Array) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, nn.Linear(2, 3, key=key))
+    with pytest.raises(CheckpointError, match=r"'weight'") as err:
+        treenn.load(path, nn.Linear(2, 3, dtype=jnp.bfloat16, key=key))
+    assert re.search(r"'weight'[^;]*float32[^;]*bfloat16", str(err.value)), str(err.value)
+
+
+def test_mode_bearing_module_mismatch(tmp_path: Path, key: jax.Array) -> None:
+    """Dropouts hold no arrays, so only the modes can tell the structures apart."""
+    lin = nn.Linear(2, 2, key=key)
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, nn.Sequential(lin, nn.Dropout(0.1)))
+    with pytest.raises(CheckpointError, match=r"mode-bearing.*'layers\.2'"):
+        treenn.load(path, nn.Sequential(lin, nn.Dropout(0.1), nn.Dropout(0.2)))
+    treenn.save(path, nn.Sequential(lin, nn.Dropout(0.1), nn.Dropout(0.2)))
+    with pytest.raises(CheckpointError, match=r"mode-bearing.*'layers\.2'"):
+        treenn.load(path, nn.Sequential(lin, nn.Dropout(0.1), jax.nn.relu))
+
+
+def test_pinned_mode_into_unpinnable_layer_is_an_error(tmp_path: Path, key: jax.Array) -> None:
+    class Mine(treenn.Module):
+        mlp: eqx.nn.MLP
+        drop: nn.Dropout
+
+        def __init__(self, *, key: jax.Array):
+            self.mlp = eqx.nn.MLP(3, 2, 8, 2, key=key)
+            self.drop = nn.Dropout(0.5)
+
+    from conftest import EqxUser
+
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, nn.eval_mode(Mine(key=key), "drop", pin=True))
+    with pytest.raises(CheckpointError, match=r"'drop'.*Dropout.*cannot be pinned"):
+        treenn.load(path, EqxUser(key=key))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data, size: data[:-1], id="last-byte-cut"),
+        pytest.param(lambda data, size: data[: 8 + size + 3], id="body-cut"),
+        pytest.param(lambda data, size: data[: 8 + size // 2], id="cut-inside-header"),
+        pytest.param(lambda data, size: data[:5], id="cut-inside-size"),
+        pytest.param(lambda data, size: b"", id="empty"),
+        pytest.param(lambda data, size: data[:8] + b"\xff\xfe" * (size // 2) + data[8 + 2 * (size // 2) :], id="garbage-header"),
+        pytest.param(lambda data, size: data[:8] + b"[1, 2, 3]".ljust(size) + data[8 + size :], id="header-not-object"),
+        pytest.param(
+            lambda data, size: np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes(),
+            id="random-bytes",
+        ),
+        pytest.param(lambda data, size: struct.pack("<Q", 2**63) + data[8:], id="huge-header-size"),
+    ],
+)
+def test_damaged_file_is_a_checkpoint_error(tmp_path: Path, net: Net, damage: Any) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, net)
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    path.write_bytes(damage(data, size))
+    with pytest.raises(CheckpointError, match=r"truncated|corrupt") as err:
+        treenn.load(path, net)
+    assert str(path) in str(err.value)
+
+
+def test_corrupt_entry_in_header_is_a_checkpoint_error(tmp_path: Path, net: Net) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, net)
+    header, body = read_header(path)
+    header["head.weight"]["dtype"] = "NOT_A_DTYPE"
+    write_raw(path, header, body)
+    with pytest.raises(CheckpointError, match=r"corrupt.*'head\.weight'"):
+        treenn.load(path, net)
+
+
+@pytest.mark.parametrize("meta", ["{not json", '"a string"', '{"frozen": 3, "buffers": [], "modes": {}, "keys": {}}'])
+def test_corrupt_treenn_metadata_is_a_checkpoint_error(tmp_path: Path, net: Net, meta: str) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, net)
+    header, body = read_header(path)
+    assert "treenn" in header["__metadata__"]
+    header["__metadata__"]["treenn"] = meta
+    write_raw(path, header, body)
+    with pytest.raises(CheckpointError, match=r"corrupt"):
+        treenn.load(path, net)
