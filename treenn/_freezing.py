@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from ._selectors import Where, no_match, select
 from ._status import Frozen, Status, status_of
-from ._tree import dotted, flatten, unflatten
+from ._tree import dotted, flatten, leaves, unflatten
 
 T = TypeVar("T")
 
@@ -64,20 +64,25 @@ _PARAMETER = (Status.TRAINABLE, Status.FROZEN)
 
 def _set_frozen(model: Any, where: Any, frozen: bool) -> Any:
     selection = select(where, model)
-    paths, leaves, treedef = flatten(model)
+    paths: list[Any] | None = None
+    if selection is None:
+        flat, treedef = leaves(model)
+    else:
+        paths, flat, treedef = flatten(model)
+        covers = selection.covers
     acted = False
-    for i, leaf in enumerate(leaves):
+    for i, leaf in enumerate(flat):
         status = status_of(leaf)
-        if status not in _PARAMETER:
+        if status is not Status.TRAINABLE and status is not Status.FROZEN:
             continue
-        if selection is not None and not selection.covers(dotted(paths[i])):
+        if paths is not None and not covers(dotted(paths[i])):
             continue
         acted = True
         if frozen and status is Status.TRAINABLE:
-            leaves[i] = Frozen(leaf)
+            flat[i] = Frozen(leaf)
         elif not frozen and status is Status.FROZEN:
-            leaves[i] = leaf.value
-    if selection is not None and not acted:
-        candidates = [dotted(p) for p, x in zip(paths, leaves) if status_of(x) in _PARAMETER]
+            flat[i] = leaf.value
+    if paths is not None and not acted:
+        candidates = [dotted(p) for p, x in zip(paths, flat) if status_of(x) in _PARAMETER]
         raise no_match(where, "floating-point parameter array", candidates)
-    return unflatten(treedef, leaves)
+    return unflatten(treedef, flat)

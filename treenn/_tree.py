@@ -22,8 +22,33 @@ KeyPath = tuple[Any, ...]
 Stop = Callable[[Any], bool]
 
 
-def _is_mark(x: Any) -> bool:
-    return type(x) in MARK_TYPES
+def by_type(pred: Callable[[type], bool]) -> Stop:
+    """A stop predicate decided by a node's type alone: cached per type (JAX calls it on
+    every node), and stopping at status marks too."""
+    cache: dict[type, bool] = {kind: True for kind in MARK_TYPES}
+
+    def stop(x: Any) -> bool:
+        kind = type(x)
+        known = cache.get(kind)
+        if known is None:
+            known = cache[kind] = bool(pred(kind))
+        return known
+
+    stop.by_type = True  # type: ignore[attr-defined]
+    return stop
+
+
+IS_MARK = by_type(lambda kind: False)
+
+
+def _is_leaf(stop: Stop | None, keep_marks: bool) -> Stop | None:
+    if not keep_marks:
+        return stop
+    if stop is None:
+        return IS_MARK
+    if getattr(stop, "by_type", False):
+        return stop
+    return lambda x: type(x) in MARK_TYPES or stop(x)
 
 
 def flatten(
@@ -31,25 +56,18 @@ def flatten(
 ) -> tuple[list[KeyPath], list[Any], Any]:
     """Flatten `tree` into `(paths, leaves, treedef)`, status marks kept whole.
 
-    `stop(node)` may name further nodes to keep whole (returned as leaves).
+    `stop(node)` may name further nodes to keep whole (returned as leaves); make it with
+    `by_type` when the type decides, which is much faster.
     """
-    if not keep_marks:
-        is_leaf = stop
-    elif stop is None:
-        is_leaf = _is_mark
-    else:
-        is_leaf = lambda x: type(x) in MARK_TYPES or stop(x)  # noqa: E731
-    pairs, treedef = jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    pairs, treedef = jtu.tree_flatten_with_path(tree, is_leaf=_is_leaf(stop, keep_marks))
     paths = [p for p, _ in pairs]
     leaves = [x for _, x in pairs]
     return paths, leaves, treedef
 
 
 def leaves(tree: Any, stop: Stop | None = None) -> tuple[list[Any], Any]:
-    """Flatten `tree` into `(leaves, treedef)`, without paths (cheaper), status marks
-    kept whole."""
-    is_leaf = _is_mark if stop is None else (lambda x: type(x) in MARK_TYPES or stop(x))
-    return jtu.tree_flatten(tree, is_leaf=is_leaf)
+    """`flatten` without the paths (about half the cost)."""
+    return jtu.tree_flatten(tree, is_leaf=_is_leaf(stop, True))
 
 
 def unflatten(treedef: Any, leaves: list[Any]) -> Any:
@@ -88,13 +106,35 @@ def field_names(cls: type) -> frozenset[str]:
     return names
 
 
+def _module_type(kind: type) -> bool:
+    return issubclass(kind, eqx.Module)
+
+
+def _mode_bearing_type(kind: type) -> bool:
+    return issubclass(kind, eqx.Module) and "inference" in field_names(kind)
+
+
+STOP_MODULE = by_type(_module_type)
+STOP_MODE_BEARING = by_type(_mode_bearing_type)
+_STOP_CONTAINER = by_type(lambda kind: issubclass(kind, (eqx.Module, tuple, list, dict)))
+
+
 def is_module(x: Any) -> bool:
-    return isinstance(x, eqx.Module)
+    return type(x) not in MARK_TYPES and STOP_MODULE(x)
 
 
 def is_mode_bearing(x: Any) -> bool:
     """A module with an `inference` field (treenn's layers, Equinox's, users')."""
-    return isinstance(x, eqx.Module) and "inference" in field_names(type(x))
+    return type(x) not in MARK_TYPES and STOP_MODE_BEARING(x)
+
+
+_get = object.__getattribute__
+
+
+def state_of(module: Any) -> dict[str, Any]:
+    """A module's `__dict__`, read without going through `Module.__getattribute__`."""
+    state: dict[str, Any] = _get(module, "__dict__")
+    return state
 
 
 def replace_fields(module: Any, **changes: Any) -> Any:
@@ -104,57 +144,63 @@ def replace_fields(module: Any, **changes: Any) -> Any:
     status mark can be stored around an array.
     """
     new = object.__new__(type(module))
-    state = new.__dict__
-    state.update(module.__dict__)
+    state = state_of(new)
+    state.update(state_of(module))
     state.update(changes)
     return new
-
-
-def children_flatten(
-    module: Any, stop: Stop
-) -> tuple[list[KeyPath], list[Any], Any]:
-    """Flatten a module's contents, stopping at nodes `stop` names (but never at the
-    module itself)."""
-    return flatten(module, lambda x: x is not module and stop(x))
-
-
-_CONTAINERS = (eqx.Module, tuple, list, dict)
 
 
 def _may_nest(node: Any) -> bool:
     # Most stopped nodes are leaf layers (Dropout, BatchNorm): skip a flatten of their
     # contents when no field could hold another module.
-    state = getattr(node, "__dict__", None)
-    if state is None:
+    try:
+        state = state_of(node)
+    except AttributeError:
         return True
-    return any(isinstance(v, _CONTAINERS) for v in state.values())
+    return any(type(v) not in MARK_TYPES and _STOP_CONTAINER(v) for v in state.values())
+
+
+def _below(tree: Any, stop: Stop) -> Stop:
+    # Stop at `stop`'s nodes below the root, never at the root itself.
+    if not stop(tree):
+        return stop
+    return lambda x: x is not tree and (type(x) in MARK_TYPES or stop(x))
 
 
 def map_stopped(
     tree: Any,
     stop: Stop,
-    fn: Callable[[KeyPath, Any], Any],
+    fn: Callable[[KeyPath | None, Any], Any],
+    *,
+    paths: bool = True,
     prefix: KeyPath = (),
 ) -> Any:
-    """Rebuild `tree`, replacing each node `stop` names by `fn(path, node)`.
+    """Rebuild `tree`, replacing each node `stop` names (below the root) by
+    `fn(path, node)`; `path` is `None` when `paths=False` (cheaper).
 
-    Nodes `stop` names that sit inside another are visited too, innermost first:
-    `fn` receives a node whose own stopped descendants were already replaced.
+    `stop` must come from `by_type`. Stopped nodes inside another are visited too,
+    innermost first: `fn` receives a node whose own stopped descendants were replaced.
     """
-    paths, leaves, treedef = flatten(tree, lambda x: x is not tree and stop(x))
+    is_leaf = _below(tree, stop)
+    if paths:
+        key_paths, flat, treedef = flatten(tree, is_leaf)
+    else:
+        flat, treedef = leaves(tree, is_leaf)
     changed = False
-    for i, leaf in enumerate(leaves):
+    for i, leaf in enumerate(flat):
         if type(leaf) in MARK_TYPES or not stop(leaf):
             continue
-        path = prefix + paths[i]
-        inner = map_stopped(leaf, stop, fn, path) if _may_nest(leaf) else leaf
+        path = prefix + key_paths[i] if paths else None
+        inner = leaf
+        if _may_nest(leaf):
+            inner = map_stopped(leaf, stop, fn, paths=paths, prefix=path or ())
         new = fn(path, inner)
         if new is not leaf:
-            leaves[i] = new
+            flat[i] = new
             changed = True
     if not changed:
         return tree
-    return unflatten(treedef, leaves)
+    return unflatten(treedef, flat)
 
 
 def modules(tree: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, list[tuple[KeyPath, Any]]]]:
@@ -164,11 +210,11 @@ def modules(tree: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, lis
     containers (tuples, lists, dicts), not inside a submodule. A tree whose root is not
     a module yields its top-level leaves under a root entry with `module=None`.
     """
-    paths, leaves, _ = flatten(tree, lambda x: x is not tree and is_module(x))
+    paths, flat, _ = flatten(tree, _below(tree, STOP_MODULE))
     own: list[tuple[KeyPath, Any]] = []
     subs: list[tuple[KeyPath, Any]] = []
-    for path, leaf in zip(paths, leaves):
-        if type(leaf) not in MARK_TYPES and is_module(leaf):
+    for path, leaf in zip(paths, flat):
+        if is_module(leaf):
             subs.append((prefix + path, leaf))
         else:
             own.append((prefix + path, leaf))

@@ -9,7 +9,16 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from .._selectors import Where, no_match, select
-from .._tree import dotted, field_names, is_mode_bearing, map_stopped, modules, replace_fields
+from .._tree import (
+    STOP_MODE_BEARING,
+    dotted,
+    field_names,
+    is_mode_bearing,
+    map_stopped,
+    modules,
+    replace_fields,
+    state_of,
+)
 
 T = TypeVar("T")
 
@@ -110,11 +119,11 @@ def pinned(model: Any) -> dict[str, bool]:
 
 
 def _pinned(module: Any) -> bool:
-    return bool(module.__dict__.get("pinned", False))
+    return bool(state_of(module).get("pinned", False))
 
 
 def _with(module: Any, **changes: Any) -> Any:
-    state = module.__dict__
+    state = state_of(module)
     if all(state.get(k) is v for k, v in changes.items()):
         return module  # unchanged: keep identity (cheaper, and jit caches stay warm)
     return replace_fields(module, **changes)
@@ -134,10 +143,10 @@ def _switch(model: Any, where: Any, *, inference: bool, pin: bool) -> Any:
             return module
         return _with(module, inference=inference)
 
-    return _edit(model, where, edit)
+    return _edit(model, where, edit, paths_for_edit=pin)
 
 
-def _edit(model: Any, where: Any, edit: Any) -> Any:
+def _edit(model: Any, where: Any, edit: Any, *, paths_for_edit: bool = False) -> Any:
     selection = select(where, model)
     seen: list[str] = []
     acted = False
@@ -152,7 +161,8 @@ def _edit(model: Any, where: Any, edit: Any) -> Any:
         acted = True
         return edit(path, module)
 
-    new = map_stopped(model, is_mode_bearing, visit)
+    paths = selection is not None or paths_for_edit
+    new = map_stopped(model, STOP_MODE_BEARING, visit, paths=paths)
     if is_mode_bearing(model):
         new = visit((), new)
     if selection is not None and not acted:
