@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import treenn
-import treenn.nn as nn
+from treenn import nn
 
 BN = "backbone.layers.1"
 DROP = "backbone.layers.3"
@@ -138,7 +138,7 @@ def test_batchnorm_uses_running_statistics_in_eval(key):
     evaluated = nn.eval_mode(updated)
     mean, var = evaluated.running_mean, evaluated.running_var
     assert not jnp.allclose(mean, 0.0)
-    expected = (x - mean) / jnp.sqrt(var + 1e-5)
+    expected = (x - mean[None, :]) / jnp.sqrt(var[None, :] + 1e-5)
     y2, after = treenn.apply(evaluated, x)
     assert jnp.allclose(y2, expected, atol=1e-5)
     assert jnp.array_equal(after.running_mean, mean)
@@ -200,8 +200,8 @@ def test_equinox_layers_inside_user_modules(eqx_user, key):
     assert jnp.array_equal(evaluated(x), y)
     # Training mode: every output is either dropped or scaled by 1 / (1 - p).
     keys = jax.random.split(key, 16)
-    outs = jnp.stack([eqx_user(x, key=k) for k in keys])
-    assert bool(jnp.all(jnp.isclose(outs, 0.0) | jnp.isclose(outs, 2.0 * y)))
+    outs = jax.vmap(lambda k: eqx_user(x, key=k))(keys)
+    assert bool(jnp.all(jnp.isclose(outs, 0.0) | jnp.isclose(outs, 2.0 * y[None, :])))
     assert bool(jnp.any(jnp.isclose(outs, 0.0)))
     # Selecting the MLP (no mode-bearing module inside) is an error.
     with pytest.raises(ValueError, match=re.escape("where='mlp' matches no mode-bearing")):
@@ -241,7 +241,7 @@ def test_frozen_batchnorm_recipe(net, images, key):
     for epoch in range(2):
         model = nn.train_mode(model)
         assert nn.modes(model) == {BN: True, DROP: False}
-        out, new = treenn.apply(model, images, key=jax.random.fold_in(key, epoch))
+        _, new = treenn.apply(model, images, key=jax.random.fold_in(key, epoch))
         # A pinned-eval BatchNorm neither uses nor updates batch statistics.
         bn = new.backbone.layers[1]
         assert jnp.array_equal(bn.running_mean, jnp.zeros((4,)))
@@ -284,8 +284,8 @@ def test_pin_on_a_foreign_equinox_layer_is_a_clear_error(eqx_user):
         nn.eval_mode(eqx_user, pin=True)
     with pytest.raises(ValueError, match=message):
         nn.train_mode(eqx_user, "drop", pin=True)
+    bn = eqx.nn.BatchNorm(2, axis_name="batch", mode="batch")
     with pytest.raises(ValueError, match=r"cannot pin .*BatchNorm at ''"):
-        bn = eqx.nn.BatchNorm(2, axis_name="batch", mode="batch")
         nn.eval_mode(bn, pin=True)
     # Pinning only the treenn layer of a mixed model works.
     mixed = nn.eval_mode(Mixed(), "ours", pin=True)
@@ -368,6 +368,31 @@ def test_nested_mode_bearing_modules():
         "inner": True,
     }
     assert nn.modes(nn.eval_mode(block, lambda m: m)) == nn.modes(nn.eval_mode(block))
+    # Below the root: an unselected mode-bearing module keeps its mode while a selected
+    # child inside it switches.
+    model = {"block": Block(), "other": nn.Dropout(0.1)}
+    assert nn.modes(nn.eval_mode(model, "block.gate")) == {
+        "block": False,
+        "block.drop": False,
+        "block.gate": True,
+        "block.inner": False,
+        "other": False,
+    }
+    pinned = nn.eval_mode(model, "block.drop", pin=True)
+    assert nn.pinned(pinned) == {
+        "block": False,
+        "block.drop": True,
+        "block.gate": False,
+        "block.inner": False,
+        "other": False,
+    }
+    assert nn.modes(nn.train_mode(nn.eval_mode(pinned))) == {
+        "block": False,
+        "block.drop": True,
+        "block.gate": False,
+        "block.inner": False,
+        "other": False,
+    }
 
 
 def test_mode_bearing_modules_inside_containers_and_nested_models(net):

@@ -13,14 +13,13 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import pytest
+from conftest import Net
 
 import treenn
-import treenn.nn as nn
+from treenn import nn
 from treenn._selectors import glob_regex, select
 from treenn._status import status_of
 from treenn._tree import dotted, flatten
-
-from conftest import Net
 
 # -- helpers --------------------------------------------------------------------------
 
@@ -337,13 +336,13 @@ def test_getter_returning_one_module(net):
 
 
 def test_getter_returning_a_sequence_of_nodes(net):
-    where = lambda m: (m.backbone.layers[0], m.head.bias)  # noqa: E731
+    where = lambda m: (m.backbone.layers[0], m.head.bias)
     assert frozen_paths(treenn.freeze(net, where)) == {
         "backbone.layers.0.weight",
         "backbone.layers.0.bias",
         "head.bias",
     }
-    where_list = lambda m: [m.head.weight, m.backbone.layers[4].bias]  # noqa: E731
+    where_list = lambda m: [m.head.weight, m.backbone.layers[4].bias]
     assert frozen_paths(treenn.freeze(net, where_list)) == {
         "head.weight",
         "backbone.layers.4.bias",
@@ -408,7 +407,9 @@ def test_getter_returning_something_not_in_the_model(net, key):
     with pytest.raises(ValueError, match=r"where=<getter .*<lambda>> returned .*not a node"):
         treenn.freeze(net, lambda m: jnp.zeros((3,)))
     # A static field's value is not a node of the pytree.
-    with pytest.raises(ValueError, match=r"where=<getter .*<lambda>> returned 4, which is not a node"):
+    with pytest.raises(
+        ValueError, match=r"where=<getter .*<lambda>> returned 4, which is not a node"
+    ):
         treenn.freeze(net, lambda m: m.head.in_features)
     # The same in a sequence alongside a real node.
     with pytest.raises(ValueError, match=r"not a node"):

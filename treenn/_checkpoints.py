@@ -24,7 +24,17 @@ import ml_dtypes
 import numpy as np
 
 from ._status import ARRAY_TYPES, MARK_TYPES, Buffer, Frozen, Status, status_of
-from ._tree import dotted, field_names, flatten, is_mode_bearing, map_stopped, modules, replace_fields, unflatten
+from ._tree import (
+    dotted,
+    field_names,
+    fit_classes,
+    flatten,
+    is_mode_bearing,
+    map_stopped,
+    modules,
+    replace_fields,
+    unflatten,
+)
 
 T = TypeVar("T")
 PathLike = str | os.PathLike[str]
@@ -231,7 +241,7 @@ def load(path: PathLike, like: T) -> T:
         elif name in frozen:
             value = Frozen(value)
         new.append(value)
-    model = unflatten(treedef, new)
+    model = fit_classes(unflatten(treedef, new))
     return _restore_modes(path, model, meta["modes"]) if meta else model
 
 

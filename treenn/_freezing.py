@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 
 from ._selectors import Where, no_match, select
 from ._status import Frozen, Status, status_of
-from ._tree import dotted, flatten, leaves, unflatten
+from ._module import fit_class, is_foreign_type
+from ._tree import STOP_FOREIGN, KeyPath, below, dotted, flatten, leaves, unflatten
 
 T = TypeVar("T")
 
@@ -62,27 +63,47 @@ def unfreeze(model: T, where: Where = None) -> T:
 _PARAMETER = (Status.TRAINABLE, Status.FROZEN)
 
 
+class _Report:
+    """What a (un)freeze walk found: whether it acted, and the candidate paths."""
+
+    def __init__(self) -> None:
+        self.acted = False
+        self.parameters: list[str] = []
+
+
 def _set_frozen(model: Any, where: Any, frozen: bool) -> Any:
     selection = select(where, model)
-    paths: list[Any] | None = None
-    if selection is None:
-        flat, treedef = leaves(model)
+    covers = None if selection is None else selection.covers
+    report = _Report()
+    new = _walk(model, covers, frozen, (), report)
+    if covers is not None and not report.acted:
+        raise no_match(where, "floating-point parameter array", report.parameters)
+    return new
+
+
+def _walk(tree: Any, covers: Any, frozen: bool, prefix: KeyPath, report: _Report) -> Any:
+    """(Un)freeze the selected arrays of `tree`. Plain Equinox modules are visited
+    separately, so that their class can be fitted to the marks they end up holding."""
+    is_leaf = below(tree, STOP_FOREIGN)
+    paths: list[KeyPath] | None = None
+    if covers is None:
+        flat, treedef = leaves(tree, is_leaf)
     else:
-        paths, flat, treedef = flatten(model)
-        covers = selection.covers
-    acted = False
+        paths, flat, treedef = flatten(tree, is_leaf)
     for i, leaf in enumerate(flat):
         status = status_of(leaf)
-        if status is not Status.TRAINABLE and status is not Status.FROZEN:
-            continue
-        if paths is not None and not covers(dotted(paths[i])):
-            continue
-        acted = True
-        if frozen and status is Status.TRAINABLE:
-            flat[i] = Frozen(leaf)
-        elif not frozen and status is Status.FROZEN:
-            flat[i] = leaf.value
-    if paths is not None and not acted:
-        candidates = [dotted(p) for p, x in zip(paths, flat) if status_of(x) in _PARAMETER]
-        raise no_match(where, "floating-point parameter array", candidates)
-    return unflatten(treedef, flat)
+        if status is Status.TRAINABLE or status is Status.FROZEN:
+            if paths is not None:
+                name = dotted(prefix + paths[i])
+                report.parameters.append(name)
+                if not covers(name):
+                    continue
+            report.acted = True
+            if frozen and status is Status.TRAINABLE:
+                flat[i] = Frozen(leaf)
+            elif not frozen and status is Status.FROZEN:
+                flat[i] = leaf.value
+        elif status is Status.STATIC and is_foreign_type(type(leaf)):
+            flat[i] = _walk(leaf, covers, frozen, prefix + paths[i] if paths else (), report)
+    out = unflatten(treedef, flat)
+    return fit_class(out) if is_foreign_type(type(out)) else out

@@ -93,6 +93,10 @@ class Mark:
     def __len__(self) -> int:
         return len(self.value)
 
+    def __jax_array__(self) -> Any:
+        # Lets `jnp` functions take a mark that reached them directly.
+        return self.unwrap()
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.asarray(self.value, dtype=dtype)
 

@@ -16,6 +16,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
+from ._module import fit_class, is_foreign_type
 from ._status import MARK_TYPES, MarkKey
 
 KeyPath = tuple[Any, ...]
@@ -115,6 +116,7 @@ def _mode_bearing_type(kind: type) -> bool:
 
 
 STOP_MODULE = by_type(_module_type)
+STOP_FOREIGN = by_type(is_foreign_type)
 STOP_MODE_BEARING = by_type(_mode_bearing_type)
 _STOP_CONTAINER = by_type(lambda kind: issubclass(kind, (eqx.Module, tuple, list, dict)))
 
@@ -201,6 +203,19 @@ def map_stopped(
     if not changed:
         return tree
     return unflatten(treedef, flat)
+
+
+def below(tree: Any, stop: Stop) -> Stop:
+    """`stop`, but never stopping at `tree` itself (to visit a stopped node's contents)."""
+    return _below(tree, stop)
+
+
+def fit_classes(tree: Any) -> Any:
+    """Give every Equinox module holding a status mark the class that reads through it
+    (see `treenn._module.fit_class`), and restore the original class of one that no
+    longer holds any."""
+    tree = map_stopped(tree, STOP_FOREIGN, lambda _, m: fit_class(m), paths=False)
+    return fit_class(tree) if is_foreign_type(type(tree)) else tree
 
 
 def modules(tree: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, list[tuple[KeyPath, Any]]]]:
