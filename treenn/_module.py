@@ -114,6 +114,6 @@ def fit_class(module: Any) -> Any:
         new_cls = original
     else:
         return module
-    new = object.__new__(new_cls)
+    new: Any = object.__new__(new_cls)
     _get(new, "__dict__").update(state)
     return new
