@@ -22,12 +22,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
+import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
 
 from ._fastbuild import builder
-from ._status import is_array
+from ._status import MARK_TYPES, is_array
 
 Donate = Literal["none", "all", "all-except-first", "warn", "warn-except-first"]
 
@@ -74,9 +75,21 @@ class _Structure:
         return self._fast(arrays)
 
 
+def _immutable_node(kind: type) -> bool:
+    # Only node types known to be immutable: anything else (list, dict, OrderedDict, a
+    # user's mutable pytree class) may change in place between calls.
+    return (
+        issubclass(kind, tuple)
+        or kind is type(None)
+        or issubclass(kind, eqx.Module)
+        or kind in MARK_TYPES
+        or kind is jtu.Partial
+    )
+
+
 def _immutable(treedef: Any) -> bool:
     data = treedef.node_data()
-    if data is not None and data[0] in (list, dict):
+    if data is not None and not _immutable_node(data[0]):
         return False
     return all(_immutable(child) for child in treedef.children())
 
@@ -181,9 +194,7 @@ class _Jit:
         return out
 
     def _rebuild(self, out_info: Any, arrays: list[Any], remember: dict[int, Any]) -> Any:
-        sid, parts = out_info
-        structure = self._structures[sid]
-        assert structure is not None
+        structure, parts = out_info
         out = structure.build_fast(arrays)
         if parts is not None:
             for element, (start, stop, part_sid) in zip(out, parts):
@@ -212,7 +223,7 @@ class _Jit:
             call_kwargs = objects[-1] if has_kwargs else {}
             out = call_fn(*objects[:n_args], **call_kwargs)
             out_info = self._describe_output(out)
-            if entry.out is not None and entry.out != out_info and entry.by_shape is None:
+            if entry.out is not None and entry.by_shape is None and not _same(entry.out, out_info):
                 entry.by_shape = {}
             entry.out = out_info
             return [x for x in jtu.tree_leaves(out) if is_array(x)]
@@ -220,30 +231,31 @@ class _Jit:
         entry.jitted = jax.jit(flat, donate_argnums=_DONATE[self._donate])
         return entry
 
-    def _describe_output(self, out: Any) -> tuple[int, Any]:
-        leaves, treedef = jtu.tree_flatten(out)
-        statics = tuple(_DYNAMIC if is_array(x) else x for x in leaves)
-        sid = self._structure_id(treedef, statics)
+    def _describe_output(self, out: Any) -> tuple[_Structure, Any]:
+        """The output's structure (its non-array leaves need not be hashable), and for a
+        tuple output the place and structure id of each element, so that the elements
+        (a model, an optimiser state) are recognised when passed back."""
+        structure = _Structure(*_split_leaves(out))
         parts = None
         if type(out) is tuple:
             parts = []
             start = 0
             for element in out:
-                e_leaves, e_def = jtu.tree_flatten(element)
-                e_statics = tuple(_DYNAMIC if is_array(x) else x for x in e_leaves)
-                e_sid = self._structure_id(e_def, e_statics)
-                e_structure = self._structures[e_sid]
-                assert e_structure is not None
+                e_treedef, e_statics = _split_leaves(element)
+                e_structure = _Structure(e_treedef, e_statics)
                 stop = start + e_structure.n_dynamic
-                parts.append((start, stop, e_sid if e_structure.immutable else None))
+                sid = None
+                if e_structure.immutable and all(_hashable(x) for x in e_statics):
+                    sid = self._structure_id(e_treedef, e_statics)
+                parts.append((start, stop, sid))
                 start = stop
-        return sid, parts
+        return structure, parts
 
     def _by_shape(self, entry: _Entry, key: tuple[Any, ...], arrays: list[Any]) -> Any:
         # Rare: output structure depends on input shapes. One jit per shape signature,
         # so each call's output structure is the one its own trace produced.
         assert entry.by_shape is not None
-        signature = tuple((np.shape(x), np.result_type(x)) for x in arrays)
+        signature = tuple((np.shape(x), np.dtype(x.dtype)) for x in arrays)
         sub = entry.by_shape.get(signature)
         if sub is None:
             sub = entry.by_shape[signature] = self._compile(key)
@@ -255,6 +267,21 @@ class _Jit:
             return result
 
         return call
+
+
+def _split_leaves(tree: Any) -> tuple[Any, tuple[Any, ...]]:
+    leaves, treedef = jtu.tree_flatten(tree)
+    return treedef, tuple(_DYNAMIC if is_array(x) else x for x in leaves)
+
+
+def _same(a: tuple[_Structure, Any], b: tuple[_Structure, Any]) -> bool:
+    """Whether two traces gave the same output structure."""
+    try:
+        return bool(
+            a[0].treedef == b[0].treedef and a[0].statics == b[0].statics and a[1] == b[1]
+        )
+    except Exception:  # statics whose == is not a plain bool: assume they differ
+        return False
 
 
 def _hashable(x: Any) -> bool:

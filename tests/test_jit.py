@@ -1,0 +1,433 @@
+"""treenn.jit: arrays traced, everything else static; outputs may hold anything; the
+identity fast path never returns stale results."""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import re
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from jaxtyping import TypeCheckError
+
+import treenn
+import treenn.nn as nn
+
+
+def traced(fn, log):
+    """Wrap `fn` so that each trace appends to `log`."""
+
+    def wrapper(*args, **kwargs):
+        log.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.fixture
+def lin(key):
+    return nn.Linear(3, 2, key=key)
+
+
+@pytest.fixture
+def x(key):
+    return jax.random.normal(jax.random.fold_in(key, 5), (4, 3))
+
+
+def _bump(model):
+    return eqx.tree_at(lambda m: m.weight, model, model.weight + 1.0)
+
+
+# -- semantics ---------------------------------------------------------------------------
+
+
+def test_same_values_as_uncompiled(net, images, key):
+    model = nn.eval_mode(net)
+
+    def fn(model, x, key):
+        return model(x, key=key), jnp.sum(x)
+
+    got = treenn.jit(fn)(model, images, key)
+    want = fn(model, images, key)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+def test_static_python_args_retrace_and_change_behaviour(x):
+    log = []
+
+    def body(x, n, op, flag):
+        out = x * n if op == "mul" else x + n
+        return -out if flag else out
+
+    f = treenn.jit(traced(body, log))
+    np.testing.assert_allclose(f(x, 2, "mul", False), x * 2)
+    f(x + 1.0, 2, "mul", False)  # new array values: no retrace
+    assert len(log) == 1
+    np.testing.assert_allclose(f(x, 3, "mul", False), x * 3)
+    assert len(log) == 2
+    np.testing.assert_allclose(f(x, 3, "add", False), x + 3)
+    assert len(log) == 3
+    np.testing.assert_allclose(f(x, 3, "add", True), -(x + 3))
+    assert len(log) == 4
+    np.testing.assert_allclose(f(x, 2.5, "mul", False), x * 2.5)
+    assert len(log) == 5
+    np.testing.assert_allclose(f(x, 2, "mul", False), x * 2)
+    np.testing.assert_allclose(f(x, 3, "add", True), -(x + 3))
+    assert len(log) == 5
+
+
+def test_numpy_arrays_and_scalars_are_traced(x):
+    log = []
+    f = treenn.jit(traced(lambda x, s: x * s, log))
+    np.testing.assert_allclose(f(x, np.float32(2.0)), x * 2)
+    np.testing.assert_allclose(f(x, np.float32(3.0)), x * 3)
+    np.testing.assert_allclose(f(np.ones((4, 3), np.float32), np.float32(3.0)), np.full((4, 3), 3.0))
+    assert len(log) == 1
+
+
+def test_shape_change_retraces_correctly(lin, key):
+    log = []
+    f = treenn.jit(traced(lambda m, x: m(x), log))
+    for n in (2, 5, 2, 5):
+        x = jax.random.normal(jax.random.fold_in(key, n), (n, 3))
+        np.testing.assert_allclose(f(lin, x), lin(x), rtol=1e-6)
+    assert len(log) == 2
+
+
+def test_output_structure_depending_on_shape(key):
+    f = treenn.jit(lambda x: tuple(x[i] * 2 for i in range(x.shape[0])))
+    g = treenn.jit(lambda x: {"n": x.shape[0], "rows": [x[i] for i in range(x.shape[0])]})
+    for n in (2, 3, 2, 4, 3, 2):
+        x = jax.random.normal(jax.random.fold_in(key, n), (n, 2))
+        out = f(x)
+        assert type(out) is tuple and len(out) == n
+        for i in range(n):
+            np.testing.assert_allclose(out[i], x[i] * 2)
+        d = g(x)
+        assert d["n"] == n and len(d["rows"]) == n
+        np.testing.assert_allclose(d["rows"][-1], x[n - 1])
+
+
+def test_outputs_hold_models_and_objects(net, x, lin):
+    def f(model, x):
+        return model, "hello", 3, None, jax.nn.relu, {"y": model(x), "tag": ("a", 1.5)}
+
+    model, s, n, none, fn, d = treenn.jit(f)(lin, x)
+    assert eqx.tree_equal(model, lin)
+    assert s == "hello" and n == 3 and type(n) is int and none is None
+    assert fn is jax.nn.relu and d["tag"] == ("a", 1.5)
+    np.testing.assert_allclose(d["y"], lin(x), rtol=1e-6)
+    out = treenn.jit(lambda m: m)(treenn.freeze(net, "head.**"))
+    assert eqx.tree_equal(out, treenn.freeze(net, "head.**"))
+    assert treenn.trainable(out).head.weight is None
+    assert nn.modes(out) == nn.modes(net)
+
+
+def test_outputs_may_hold_unhashable_objects(x):
+    # "outputs may hold anything": a non-array output leaf need not be hashable.
+    out = treenn.jit(lambda x: (x * 2, {"names": {"a", "b"}}))(x)
+    np.testing.assert_allclose(out[0], x * 2)
+    assert out[1]["names"] == {"a", "b"}
+
+
+def test_kwargs(lin, x):
+    log = []
+
+    def f(x, *, model, scale, mode="plain"):
+        y = model(x) * scale
+        return y + 1.0 if mode == "shift" else y
+
+    g = treenn.jit(traced(f, log))
+    np.testing.assert_allclose(g(x, model=lin, scale=jnp.float32(2.0)), lin(x) * 2, rtol=1e-6)
+    np.testing.assert_allclose(g(x, model=lin, scale=jnp.float32(3.0)), lin(x) * 3, rtol=1e-6)
+    assert len(log) == 1
+    np.testing.assert_allclose(
+        g(x, scale=jnp.float32(3.0), model=lin, mode="shift"), lin(x) * 3 + 1.0, rtol=1e-6
+    )
+    assert len(log) == 2
+    other = _bump(lin)
+    np.testing.assert_allclose(g(x, model=other, scale=jnp.float32(1.0)), other(x), rtol=1e-6)
+
+
+def test_callable_module_arrays_are_traced(lin, x):
+    seen = []
+
+    class Probe(treenn.Module):
+        inner: nn.Linear
+
+        def __call__(self, x):
+            seen.append(isinstance(self.inner.weight, jax.core.Tracer))
+            return self.inner(x)
+
+        def double(self, x):
+            return 2 * self.inner(x)
+
+    probe = Probe(lin)
+    np.testing.assert_allclose(treenn.jit(probe)(x), lin(x), rtol=1e-6)
+    assert seen == [True]  # the module's arrays were traced, not baked in as constants
+    updated = Probe(_bump(lin))
+    np.testing.assert_allclose(treenn.jit(updated)(x), updated(x), rtol=1e-6)
+    np.testing.assert_allclose(treenn.jit(probe.double)(x), 2 * lin(x), rtol=1e-6)
+    np.testing.assert_allclose(treenn.jit(updated.double)(x), 2 * updated(x), rtol=1e-6)
+
+
+def test_callable_module_sees_in_place_updates(lin, x):
+    class Holder(treenn.Module):
+        layers: list
+
+        def __call__(self, x):
+            return self.layers[0](x)
+
+    holder = Holder([lin])
+    f = treenn.jit(holder)
+    np.testing.assert_allclose(f(x), lin(x), rtol=1e-6)
+    holder.layers[0] = _bump(lin)
+    np.testing.assert_allclose(f(x), holder.layers[0](x), rtol=1e-6)
+
+
+def test_equinox_models(key, eqx_user):
+    mlp = eqx.nn.MLP(3, 2, 8, 2, key=key)
+    xs = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    f = treenn.jit(lambda m, x: jax.vmap(m)(x))
+    np.testing.assert_allclose(f(mlp, xs), jax.vmap(mlp)(xs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(treenn.jit(mlp)(xs[0]), mlp(xs[0]), rtol=1e-5, atol=1e-6)
+    other = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.fold_in(key, 1))
+    np.testing.assert_allclose(f(other, xs), jax.vmap(other)(xs), rtol=1e-5, atol=1e-6)
+    user = nn.eval_mode(eqx_user)
+    g = treenn.jit(lambda m, x: jax.vmap(m)(x))
+    np.testing.assert_allclose(g(user, xs), jax.vmap(user)(xs), rtol=1e-5, atol=1e-6)
+
+
+# -- donate ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("donate", ["none", "all", "all-except-first", "warn", "warn-except-first"])
+def test_donate_values_accepted(donate):
+    f = treenn.jit(lambda a, b: (a * 2, b + 1), donate=donate)
+    a, b = jnp.ones(3), jnp.zeros(3)
+    out = f(a, b)
+    np.testing.assert_allclose(out[0], np.full(3, 2.0))
+    np.testing.assert_allclose(out[1], np.ones(3))
+
+
+def test_donate_donates_the_right_arguments():
+    def f(a, b):
+        return a * 2, b + 1
+
+    a, b = jnp.ones(3), jnp.zeros(3)
+    treenn.jit(f, donate="none")(a, b)
+    assert not a.is_deleted() and not b.is_deleted()
+    treenn.jit(f, donate="all-except-first")(a, b)
+    assert not a.is_deleted() and b.is_deleted()
+    a, b = jnp.ones(3), jnp.zeros(3)
+    treenn.jit(f, donate="all")(a, b)
+    assert a.is_deleted() and b.is_deleted()
+
+
+def test_donate_warn_shows_unusable_donation_and_all_does_not(x):
+    expected = float(jnp.sum(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(treenn.jit(jnp.sum, donate="all")(x)) == pytest.approx(expected)
+    with pytest.warns(UserWarning, match="donated buffers were not usable"):
+        treenn.jit(jnp.sum, donate="warn")(jnp.ones(3))
+
+
+@pytest.mark.parametrize("bad", ["everything", "None", "", "ALL"])
+def test_invalid_donate_raises(bad):
+    # With the suite's runtime type checking, the `Literal` annotation rejects it first.
+    with pytest.raises((ValueError, TypeCheckError), match="donate"):
+        treenn.jit(lambda x: x, donate=bad)
+    with pytest.raises((ValueError, TypeCheckError), match="donate"):
+        treenn.jit(donate=bad)(lambda x: x)
+    # Without it (as users run it): a ValueError naming the value and the choices.
+    unchecked = inspect.unwrap(treenn.jit)
+    with pytest.raises(ValueError, match=rf"donate={re.escape(repr(bad))}.*all-except-first"):
+        unchecked(lambda x: x, donate=bad)
+
+
+def test_decorator_forms(x):
+    @treenn.jit
+    def f(x):
+        return x * 2
+
+    @treenn.jit(donate="none")
+    def g(x):
+        return x * 3
+
+    np.testing.assert_allclose(f(x), x * 2)
+    np.testing.assert_allclose(g(x), x * 3)
+    assert f.__name__ == "f" and g.__name__ == "g"
+
+
+def test_unhashable_static_leaf_raises(x):
+    f = treenn.jit(lambda x, s: x)
+    with pytest.raises(TypeError, match="set"):
+        f(x, {1, 2})
+    with pytest.raises(TypeError, match="bytearray"):
+        f(x, (1, bytearray(b"ab")))
+
+
+# -- the identity fast path --------------------------------------------------------------
+
+
+def test_passing_back_returned_model_matches_eager(lin, x):
+    def step(model, x):
+        grads = treenn.grad(lambda m, x: jnp.sum(m(x) ** 2))(model, x)
+        model = treenn.apply_updates(model, jax.tree.map(lambda g: -0.1 * g, grads))
+        return model, jnp.sum(model(x))
+
+    jitted = treenn.jit(step)
+    m_jit, m_eager = lin, lin
+    for _ in range(4):
+        m_jit, v_jit = jitted(m_jit, x)
+        m_eager, v_eager = step(m_eager, x)
+        np.testing.assert_allclose(v_jit, v_eager, rtol=1e-5)
+        np.testing.assert_allclose(m_jit.weight, m_eager.weight, rtol=1e-5)
+
+
+def test_swapping_returned_objects_between_arguments(lin, x):
+    f = treenn.jit(lambda a, b: (b, a, a.weight - b.weight))
+    b = _bump(lin)
+    a2, b2, d = f(lin, b)
+    np.testing.assert_allclose(d, -np.ones((2, 3)))
+    a3, b3, d = f(a2, b2)  # a2 is b, b2 is lin: both remembered from the last call
+    np.testing.assert_allclose(d, np.ones((2, 3)))
+    _, _, d = f(a3, a3)
+    np.testing.assert_allclose(d, np.zeros((2, 3)))
+
+
+def test_different_model_same_structure_and_alternating(lin, x):
+    f = treenn.jit(lambda m, x: m(x))
+    other = _bump(lin)
+    for model in (lin, other, lin, lin, other, other, lin):
+        np.testing.assert_allclose(f(model, x), model(x), rtol=1e-6)
+
+
+def test_returned_model_from_other_jit_and_received_arguments(lin, x):
+    bump = treenn.jit(_bump)
+    apply = treenn.jit(lambda m, x: m(x))
+    m = lin
+    for _ in range(3):
+        m = bump(m)
+        np.testing.assert_allclose(apply(m, x), m(x), rtol=1e-6)
+
+
+class Box:
+    """A mutable, user-registered pytree node."""
+
+    def __init__(self, w):
+        self.w = w
+
+
+jtu.register_pytree_node(Box, lambda b: ((b.w,), None), lambda _, c: Box(c[0]))
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "OrderedDict", "defaultdict", "custom_node"])
+def test_in_place_mutation_of_containers_is_seen(kind):
+    a, b = jnp.ones(2), jnp.full(2, 5.0)
+    if kind == "list":
+        holder = [a]
+        get, put = (lambda h: h[0]), (lambda h, v: h.__setitem__(0, v))
+    elif kind == "custom_node":
+        holder = Box(a)
+        get, put = (lambda h: h.w), (lambda h, v: setattr(h, "w", v))
+    else:
+        cls = {
+            "dict": dict,
+            "OrderedDict": collections.OrderedDict,
+            "defaultdict": lambda **kw: collections.defaultdict(int, **kw),
+        }[kind]
+        holder = cls(w=a)
+        get, put = (lambda h: h["w"]), (lambda h, v: h.__setitem__("w", v))
+    model = (holder, "static")  # an otherwise immutable tree around it
+    f = treenn.jit(lambda m: get(m[0]) * 2)
+    np.testing.assert_allclose(f(model), 2 * np.ones(2))
+    put(holder, b)
+    np.testing.assert_allclose(f(model), np.full(2, 10.0))
+    put(holder, a)
+    np.testing.assert_allclose(f(model), 2 * np.ones(2))
+
+
+def test_module_holding_mutated_list(lin, x):
+    class Holder(treenn.Module):
+        layers: list
+
+    holder = Holder([lin])
+    f = treenn.jit(lambda h, x: h.layers[0](x))
+    np.testing.assert_allclose(f(holder, x), lin(x), rtol=1e-6)
+    holder.layers[0] = _bump(lin)
+    np.testing.assert_allclose(f(holder, x), holder.layers[0](x), rtol=1e-6)
+
+
+def test_numpy_array_mutated_in_place_is_seen():
+    t = (np.ones(2, np.float32),)
+    f = treenn.jit(lambda t: t[0] * 2)
+    np.testing.assert_allclose(f(t), np.full(2, 2.0))
+    t[0][:] = 4.0
+    np.testing.assert_allclose(f(t), np.full(2, 8.0))
+
+
+def test_mode_change_between_calls(key):
+    model = nn.Sequential(nn.Dropout(0.5))
+    x = jnp.ones((64,))
+    f = treenn.jit(lambda m, x, key: m(x, key=key))
+    train = f(model, x, key)
+    assert np.any(np.asarray(train) == 0.0)
+    evaluated = f(nn.eval_mode(model), x, key)
+    np.testing.assert_array_equal(evaluated, x)
+    np.testing.assert_array_equal(f(model, x, key), train)
+    np.testing.assert_array_equal(f(nn.eval_mode(model), x, key), x)
+
+
+def test_frozen_status_change_between_calls(key, x):
+    model = nn.Sequential(nn.Linear(3, 2, key=key), nn.Linear(2, 1, key=jax.random.fold_in(key, 1)))
+    f = treenn.jit(treenn.grad(lambda m, x: jnp.sum(m(x))))
+    g = f(model, x)
+    assert g.layers[0].weight is not None
+    frozen = treenn.freeze(model, "layers.0.**")
+    g2 = f(frozen, x)
+    assert g2.layers[0].weight is None
+    np.testing.assert_allclose(g2.layers[1].weight, g.layers[1].weight, rtol=1e-6)
+    assert f(model, x).layers[0].weight is not None
+    assert f(treenn.unfreeze(frozen), x).layers[0].weight is not None
+
+
+def test_training_loop_with_state(key):
+    """The whole recipe under treenn.jit: BatchNorm statistics and parameters advance
+    exactly as under jax.jit, with each call's returned model passed back in."""
+    k1, k2 = jax.random.split(key)
+    model = nn.Sequential(nn.Linear(3, 4, key=k1), nn.BatchNorm(4), jax.nn.relu, nn.Linear(4, 3, key=k2))
+    xs = jax.random.normal(jax.random.fold_in(key, 9), (8, 3))
+    ys = jnp.arange(8) % 3
+
+    def loss_fn(model, x, y):
+        logits, model = treenn.apply(model, x)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1)), model
+
+    def step(model, x, y):
+        (loss, model), grads = treenn.value_and_grad(loss_fn, has_aux=True)(model, x, y)
+        updates = jax.tree.map(lambda g: -0.1 * g, grads)
+        return treenn.apply_updates(model, updates), loss
+
+    jitted = treenn.jit(step, donate="all-except-first")
+    reference = jax.jit(step)  # the model's leaves are all arrays: plain jax.jit works
+    m_eager, m_jit = model, model
+    for _ in range(3):
+        m_eager, l_eager = reference(m_eager, xs, ys)
+        m_jit, l_jit = jitted(m_jit, xs, ys)
+        np.testing.assert_allclose(l_jit, l_eager, rtol=1e-5)
+    bn_j, bn_e = m_jit.layers[1], m_eager.layers[1]
+    np.testing.assert_allclose(bn_j.running_mean, bn_e.running_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn_j.running_var, bn_e.running_var, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(bn_j.running_var), 1.0)
+    np.testing.assert_allclose(m_jit.layers[3].weight, m_eager.layers[3].weight, rtol=1e-5, atol=1e-6)
+    assert treenn.trainable(m_jit).layers[1].running_mean is None
