@@ -3,6 +3,7 @@ status, modes and pins; atomic writes; clear errors for files that do not fit.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -17,12 +18,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import Net
 
 import treenn
 import treenn.nn as nn
-from conftest import Net
 from treenn import CheckpointError
-
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -127,9 +127,9 @@ def write_raw(path: Path, header: dict[str, Any], body: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(head)) + head + body)
 
 
-def two_linears(key: jax.Array, n: int = 2, out: int = 3, dtype: Any = None) -> nn.Sequential:
-    keys = jax.random.split(key, n)
-    return nn.Sequential(*[nn.Linear(2 if i == 0 else out, out, dtype=dtype, key=k) for i, k in enumerate(keys)])
+def linears(key: jax.Array, n: int) -> nn.Sequential:
+    """`n` Linear(2, 2) layers: paths `layers.{i}.weight` / `layers.{i}.bias`."""
+    return nn.Sequential(*[nn.Linear(2, 2, key=k) for k in jax.random.split(key, n)])
 
 
 # -- round trips -------------------------------------------------------------------------
@@ -155,7 +155,9 @@ def test_round_trip_restores_bits_status_modes_and_pins(tmp_path: Path, key: jax
     np.testing.assert_array_equal(half_bits, BF16_BITS)
     assert loaded.half.weight.dtype == jnp.bfloat16
     assert loaded.steps.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(loaded.steps), [np.iinfo(np.int32).min, np.iinfo(np.int32).max])
+    np.testing.assert_array_equal(
+        np.asarray(loaded.steps), [np.iinfo(np.int32).min, np.iinfo(np.int32).max]
+    )
     trainable = treenn.trainable(loaded)
     assert trainable.net.backbone.layers[0].weight is None  # frozen backbone
     assert trainable.net.backbone.layers[1].running_mean is None  # buffer
@@ -172,7 +174,11 @@ def test_round_trip_restores_bits_status_modes_and_pins(tmp_path: Path, key: jax
         "drop": True,
     }
     # `like` is untouched.
-    assert nn.modes(like) == {"net.backbone.layers.1": False, "net.backbone.layers.3": False, "drop": False}
+    assert nn.modes(like) == {
+        "net.backbone.layers.1": False,
+        "net.backbone.layers.3": False,
+        "drop": False,
+    }
 
 
 def test_round_trip_file_state_overrides_like_state(tmp_path: Path, key: jax.Array) -> None:
@@ -188,6 +194,54 @@ def test_round_trip_file_state_overrides_like_state(tmp_path: Path, key: jax.Arr
     assert all(not v for v in nn.modes(loaded).values())
 
 
+class Bag(eqx.Module):
+    arrays: dict[str, Any]
+
+
+DTYPES = [
+    jnp.float16, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.complex64,
+    jnp.int8, jnp.int16, jnp.uint8, jnp.uint16, jnp.uint32, jnp.bool_,
+]  # fmt: skip
+
+
+def test_every_dtype_round_trips_bit_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def bag(random: bool) -> Bag:
+        arrays = {}
+        for dtype in DTYPES:
+            dt = np.dtype(dtype)
+            raw = (
+                rng.integers(0, 256, 6 * dt.itemsize, dtype=np.uint8)
+                if random
+                else np.zeros(6 * dt.itemsize, np.uint8)
+            )
+            if dt == np.bool_:
+                raw = raw % 2
+            arrays[dt.name] = jnp.asarray(raw.view(dt).reshape(2, 3))
+        return Bag(arrays)
+
+    model = bag(True)
+    treenn.save(tmp_path / "d.safetensors", model)
+    loaded = treenn.load(tmp_path / "d.safetensors", bag(False))
+    for name, array in model.arrays.items():
+        assert loaded.arrays[name].dtype == array.dtype, name
+        assert leaf_bytes(loaded.arrays[name]) == leaf_bytes(array), name
+    header, _ = read_header(tmp_path / "d.safetensors")
+    assert header["arrays.bfloat16"]["dtype"] == "BF16"
+    assert header["arrays.float8_e4m3fn"]["dtype"] == "F8_E4M3"
+    assert header["arrays.bool"]["dtype"] == "BOOL"
+
+
+def test_root_mode_bearing_module_round_trips(tmp_path: Path) -> None:
+    bn = nn.eval_mode(nn.BatchNorm(3), pin=True)
+    bn = eqx.tree_at(lambda m: m.running_var, bn, jnp.array([0.5, 2.0, 3.0]))
+    treenn.save(tmp_path / "bn.safetensors", bn)
+    loaded = treenn.load(tmp_path / "bn.safetensors", nn.BatchNorm(3))
+    assert loaded.inference is True and loaded.pinned is True
+    assert_identical(loaded, bn)
+
+
 def test_prng_keys_round_trip(tmp_path: Path, key: jax.Array) -> None:
     model = Rich(key=key)
     like = Rich(key=jax.random.key(99))
@@ -197,9 +251,13 @@ def test_prng_keys_round_trip(tmp_path: Path, key: jax.Array) -> None:
         got, want = getattr(loaded, name), getattr(model, name)
         assert jnp.issubdtype(got.dtype, jax.dtypes.prng_key)
         assert str(jax.random.key_impl(got)) == str(jax.random.key_impl(want))
-        np.testing.assert_array_equal(np.asarray(jax.random.key_data(got)), np.asarray(jax.random.key_data(want)))
+        np.testing.assert_array_equal(
+            np.asarray(jax.random.key_data(got)), np.asarray(jax.random.key_data(want))
+        )
         # Usable, and the same stream as the original key.
-        np.testing.assert_array_equal(np.asarray(jax.random.normal(got, (3,))), np.asarray(jax.random.normal(want, (3,))))
+        np.testing.assert_array_equal(
+            np.asarray(jax.random.normal(got, (3,))), np.asarray(jax.random.normal(want, (3,)))
+        )
     assert loaded.legacy.dtype == jnp.uint32
     np.testing.assert_array_equal(np.asarray(loaded.legacy), np.asarray(model.legacy))
 
@@ -302,7 +360,7 @@ def test_file_is_safetensors_keyed_by_dotted_paths(tmp_path: Path, key: jax.Arra
     # Offsets tile the body exactly, and each slice holds the array's little-endian bytes.
     spans = sorted(tuple(v["data_offsets"]) for v in header.values())
     assert spans[0][0] == 0 and spans[-1][1] == len(body)
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     values = {
         "net.head.weight": model.net.head.weight,
         "half.weight": model.half.weight,
@@ -328,7 +386,9 @@ def test_file_reads_with_the_safetensors_library(tmp_path: Path, net: Net) -> No
         "backbone.layers.4.weight", "backbone.layers.4.bias",
         "head.weight", "head.bias",
     }  # fmt: skip
-    np.testing.assert_array_equal(tensors["backbone.layers.0.weight"], np.asarray(net.backbone.layers[0].weight))
+    np.testing.assert_array_equal(
+        tensors["backbone.layers.0.weight"], np.asarray(net.backbone.layers[0].weight)
+    )
     np.testing.assert_array_equal(tensors["head.weight"], np.asarray(net.head.weight))
 
 
@@ -404,7 +464,9 @@ def test_failing_write_keeps_previous_checkpoint(
     _assert_previous_checkpoint_intact(tmp_path, path, before, net)
 
 
-def test_unsavable_dtype_is_a_clear_error_and_keeps_previous_checkpoint(tmp_path: Path, net: Net) -> None:
+def test_unsavable_dtype_is_a_clear_error_and_keeps_previous_checkpoint(
+    tmp_path: Path, net: Net
+) -> None:
     class Packed(treenn.Module):
         net: Net
         codes: jax.Array
@@ -432,18 +494,18 @@ def test_missing_file(tmp_path: Path, net: Net) -> None:
 
 def test_extra_layer_in_model_names_missing_paths(tmp_path: Path, key: jax.Array) -> None:
     path = tmp_path / "m.safetensors"
-    treenn.save(path, two_linears(key, 2))
+    treenn.save(path, linears(key, 2))
     with pytest.raises(CheckpointError, match=r"missing from the file") as err:
-        treenn.load(path, two_linears(key, 3))
+        treenn.load(path, linears(key, 3))
     assert "'layers.2.weight'" in str(err.value) and "'layers.2.bias'" in str(err.value)
     assert "'layers.1.weight'" not in str(err.value)
 
 
 def test_missing_layer_in_model_names_unexpected_paths(tmp_path: Path, key: jax.Array) -> None:
     path = tmp_path / "m.safetensors"
-    treenn.save(path, two_linears(key, 3))
+    treenn.save(path, linears(key, 3))
     with pytest.raises(CheckpointError, match=r"not in the model") as err:
-        treenn.load(path, two_linears(key, 2))
+        treenn.load(path, linears(key, 2))
     assert "'layers.2.weight'" in str(err.value) and "'layers.2.bias'" in str(err.value)
 
 
@@ -502,10 +564,18 @@ def test_pinned_mode_into_unpinnable_layer_is_an_error(tmp_path: Path, key: jax.
         pytest.param(lambda data, size: data[: 8 + size // 2], id="cut-inside-header"),
         pytest.param(lambda data, size: data[:5], id="cut-inside-size"),
         pytest.param(lambda data, size: b"", id="empty"),
-        pytest.param(lambda data, size: data[:8] + b"\xff\xfe" * (size // 2) + data[8 + 2 * (size // 2) :], id="garbage-header"),
-        pytest.param(lambda data, size: data[:8] + b"[1, 2, 3]".ljust(size) + data[8 + size :], id="header-not-object"),
         pytest.param(
-            lambda data, size: np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes(),
+            lambda data, size: data[:8] + b"\xff\xfe" * (size // 2) + data[8 + 2 * (size // 2) :],
+            id="garbage-header",
+        ),
+        pytest.param(
+            lambda data, size: data[:8] + b"[1, 2, 3]".ljust(size) + data[8 + size :],
+            id="header-not-object",
+        ),
+        pytest.param(
+            lambda data, size: (
+                np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+            ),
             id="random-bytes",
         ),
         pytest.param(lambda data, size: struct.pack("<Q", 2**63) + data[8:], id="huge-header-size"),
@@ -532,7 +602,9 @@ def test_corrupt_entry_in_header_is_a_checkpoint_error(tmp_path: Path, net: Net)
         treenn.load(path, net)
 
 
-@pytest.mark.parametrize("meta", ["{not json", '"a string"', '{"frozen": 3, "buffers": [], "modes": {}, "keys": {}}'])
+@pytest.mark.parametrize(
+    "meta", ["{not json", '"a string"', '{"frozen": 3, "buffers": [], "modes": {}, "keys": {}}']
+)
 def test_corrupt_treenn_metadata_is_a_checkpoint_error(tmp_path: Path, net: Net, meta: str) -> None:
     path = tmp_path / "m.safetensors"
     treenn.save(path, net)

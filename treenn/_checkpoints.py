@@ -220,18 +220,19 @@ def load(path: PathLike, like: T) -> T:
         ```
     """
     arrays, metadata = read_safetensors(path)
-    meta = json.loads(metadata["treenn"]) if "treenn" in metadata else None
+    meta = _metadata(path, metadata)
     paths, leaves, treedef = flatten(like)
     names = [dotted(p) if _is_array_leaf(x) else None for p, x in zip(paths, leaves)]
     _check_arrays(path, arrays, [(n, x) for n, x in zip(names, leaves) if n is not None])
     frozen = set(meta["frozen"]) if meta else None
-    keys = meta.get("keys", {}) if meta else {}
+    keys = meta["keys"] if meta else {}
     new = []
     for name, leaf in zip(names, leaves):
         if name is None:
             new.append(leaf)
             continue
-        value: Any = jnp.asarray(arrays[name])
+        stored = arrays[name]
+        value: Any = np.array(stored) if _is_numpy(leaf) else jnp.asarray(stored)
         if name in keys:
             value = jax.random.wrap_key_data(value, impl=keys[name])
         if type(leaf) is Buffer:
@@ -243,6 +244,35 @@ def load(path: PathLike, like: T) -> T:
         new.append(value)
     model = fit_classes(unflatten(treedef, new))
     return _restore_modes(path, model, meta["modes"]) if meta else model
+
+
+def _is_numpy(leaf: Any) -> bool:
+    # NumPy leaves stay NumPy (jnp.asarray would truncate 64-bit values without x64).
+    return isinstance(leaf.value if type(leaf) in MARK_TYPES else leaf, (np.ndarray, np.generic))
+
+
+def _metadata(path: PathLike, metadata: dict[str, str]) -> dict[str, Any] | None:
+    """treenn's metadata of a checkpoint, validated; None for a plain safetensors file."""
+    if "treenn" not in metadata:
+        return None
+    try:
+        meta = json.loads(metadata["treenn"])
+        ok = (
+            isinstance(meta, dict)
+            and all(isinstance(meta.get(k), list) for k in ("frozen", "buffers"))
+            and all(isinstance(meta.get(k), dict) for k in ("modes", "keys"))
+            and all(isinstance(n, str) for n in meta["frozen"])
+            and all(
+                isinstance(m, dict) and isinstance(m.get("inference"), bool)
+                and isinstance(m.get("pinned"), bool)
+                for m in meta["modes"].values()
+            )
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{os.fspath(path)!r} is corrupt: bad treenn metadata in its header")
+    return meta
 
 
 def _check_arrays(path: PathLike, arrays: dict[str, np.ndarray], expected: list[tuple[str, Any]]) -> None:

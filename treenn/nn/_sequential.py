@@ -71,7 +71,9 @@ class Sequential(Module):
             x = layer(x, key=k)
         return x
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return Sequential(*self.layers[i])
         return self.layers[i]
 
     def __len__(self) -> int:
