@@ -32,6 +32,7 @@ from ._tree import (
     is_mode_bearing,
     map_stopped,
     modules,
+    no_gc,
     replace_fields,
     unflatten,
 )
@@ -155,6 +156,7 @@ def _host(leaf: Any) -> tuple[np.ndarray, str | None]:
     return np.asarray(array), None
 
 
+@no_gc()
 def save(path: PathLike, model: Any) -> None:
     """Save a model's arrays, frozen status, modes and pins to a safetensors file.
 
@@ -199,6 +201,7 @@ def save(path: PathLike, model: Any) -> None:
     write_safetensors(path, arrays, {"format": _FORMAT, "treenn": json.dumps(meta)})
 
 
+@no_gc()
 def load(path: PathLike, like: T) -> T:
     """Load a checkpoint written by `treenn.save` into a model of the same structure.
 

@@ -7,12 +7,27 @@ carried beside it.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+import jax.tree_util as jtu
 
 from ._selectors import Where, no_match, select
 from ._status import Frozen, Status, status_of
 from ._module import fit_class, is_foreign_type
-from ._tree import STOP_FOREIGN, KeyPath, below, dotted, flatten, leaves, unflatten
+from ._tree import (
+    STOP_CONTAINER,
+    STOP_FOREIGN,
+    KeyPath,
+    below,
+    dotted,
+    dynamic_fields,
+    flatten,
+    leaves,
+    no_gc,
+    replace_fields,
+    state_of,
+    unflatten,
+)
 
 T = TypeVar("T")
 
@@ -71,6 +86,7 @@ class _Report:
         self.parameters: list[str] = []
 
 
+@no_gc()
 def _set_frozen(model: Any, where: Any, frozen: bool) -> Any:
     selection = select(where, model)
     covers = None if selection is None else selection.covers
@@ -104,6 +120,42 @@ def _walk(tree: Any, covers: Any, frozen: bool, prefix: KeyPath, report: _Report
             elif not frozen and status is Status.FROZEN:
                 flat[i] = leaf.value
         elif status is Status.STATIC and is_foreign_type(type(leaf)):
-            flat[i] = _walk(leaf, covers, frozen, prefix + paths[i] if paths else (), report)
+            path = prefix + paths[i] if paths else ()
+            new = _walk_shallow(leaf, covers, frozen, path, report)
+            flat[i] = _walk(leaf, covers, frozen, path, report) if new is None else new
     out = unflatten(treedef, flat)
     return fit_class(out) if is_foreign_type(type(out)) else out
+
+
+def _walk_shallow(
+    module: Any, covers: Any, frozen: bool, prefix: KeyPath, report: _Report
+) -> Any | None:
+    """`_walk` for a plain Equinox layer whose dynamic fields hold only arrays (an
+    `eqx.nn.Linear`): edits its fields directly, without flattening it. `None` when the
+    module holds anything else."""
+    state = state_of(module)
+    changes: dict[str, Any] = {}
+    parameters: list[str] = []
+    acted = False
+    for name in dynamic_fields(type(module)):
+        value = state.get(name)
+        status = status_of(value)
+        if status is Status.STATIC:
+            if value is None or not STOP_CONTAINER(value):
+                continue
+            return None  # a container or module: take the general path
+        if status is Status.BUFFER:
+            continue
+        if covers is not None:
+            path = dotted(prefix + (jtu.GetAttrKey(name),))
+            parameters.append(path)
+            if not covers(path):
+                continue
+        acted = True
+        if frozen and status is Status.TRAINABLE:
+            changes[name] = Frozen(value)
+        elif not frozen and status is Status.FROZEN:
+            changes[name] = cast(Frozen, value).value
+    report.parameters.extend(parameters)
+    report.acted = report.acted or acted
+    return fit_class(replace_fields(module, **changes) if changes else module)

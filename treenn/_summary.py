@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._status import ARRAY_TYPES, MARK_TYPES, Status, status_of
-from ._tree import dotted, is_mode_bearing, modules
+from ._tree import dotted, is_mode_bearing, modules, no_gc
 
 _HEADER = ("path", "module", "shape", "dtype", "params", "status", "mode")
 
@@ -60,6 +60,7 @@ def _bytes(n: int) -> str:
     raise AssertionError
 
 
+@no_gc()
 def summary(model: Any) -> str:
     """A table of the model: one row per array, then totals.
 

@@ -9,7 +9,10 @@ array is one leaf that knows its status) and at whatever else the caller asks fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -118,7 +121,7 @@ def _mode_bearing_type(kind: type) -> bool:
 STOP_MODULE = by_type(_module_type)
 STOP_FOREIGN = by_type(is_foreign_type)
 STOP_MODE_BEARING = by_type(_mode_bearing_type)
-_STOP_CONTAINER = by_type(lambda kind: issubclass(kind, (eqx.Module, tuple, list, dict)))
+STOP_CONTAINER = by_type(lambda kind: issubclass(kind, (eqx.Module, tuple, list, dict)))
 
 
 def is_module(x: Any) -> bool:
@@ -139,6 +142,9 @@ def state_of(module: Any) -> dict[str, Any]:
     return state
 
 
+_set = object.__setattr__
+
+
 def replace_fields(module: Any, **changes: Any) -> Any:
     """A copy of an (immutable) module with some fields' stored values changed.
 
@@ -146,20 +152,76 @@ def replace_fields(module: Any, **changes: Any) -> Any:
     status mark can be stored around an array.
     """
     new = object.__new__(type(module))
-    state = state_of(new)
-    state.update(state_of(module))
+    state = state_of(module).copy()
     state.update(changes)
+    _set(new, "__dict__", state)
     return new
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector during a bulk edit.
+
+    Flattening and rebuilding a large model allocates many short-lived, acyclic
+    objects; each allocation burst triggers collections that scan the whole (large)
+    model, which makes surgery grow super-linearly with model size. Reference counting
+    still frees everything; the collector resumes afterwards.
+    """
+    with _GC_LOCK:
+        global _GC_DEPTH
+        if _GC_DEPTH == 0:
+            _GC_STATE[0] = gc.isenabled()
+            gc.disable()
+        _GC_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_DEPTH -= 1
+            if _GC_DEPTH == 0 and _GC_STATE[0]:
+                gc.enable()
+
+
+_GC_LOCK = threading.Lock()
+_GC_DEPTH = 0
+_GC_STATE = [True]
+
+
+_DYNAMIC_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def dynamic_fields(kind: type) -> tuple[str, ...]:
+    """Names of a dataclass module's non-static fields (its pytree children)."""
+    names = _DYNAMIC_FIELDS.get(kind)
+    if names is None:
+        names = _DYNAMIC_FIELDS[kind] = tuple(
+            f.name for f in dataclasses.fields(kind) if not f.metadata.get("static", False)
+        )
+    return names
+
+
+_ALL_STATIC: dict[type, bool] = {}
+
+
+def _all_static(kind: type) -> bool:
+    known = _ALL_STATIC.get(kind)
+    if known is None:
+        known = _ALL_STATIC[kind] = dataclasses.is_dataclass(kind) and all(
+            f.metadata.get("static", False) for f in dataclasses.fields(kind)
+        )
+    return known
 
 
 def _may_nest(node: Any) -> bool:
     # Most stopped nodes are leaf layers (Dropout, BatchNorm): skip a flatten of their
     # contents when no field could hold another module.
+    if _all_static(type(node)):
+        return False
     try:
         state = state_of(node)
     except AttributeError:
         return True
-    return any(type(v) not in MARK_TYPES and _STOP_CONTAINER(v) for v in state.values())
+    return any(type(v) not in MARK_TYPES and STOP_CONTAINER(v) for v in state.values())
 
 
 def _below(tree: Any, stop: Stop) -> Stop:

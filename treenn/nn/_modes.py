@@ -16,6 +16,7 @@ from .._tree import (
     is_mode_bearing,
     map_stopped,
     modules,
+    no_gc,
     replace_fields,
     state_of,
 )
@@ -86,6 +87,7 @@ def unpin(model: T, where: Where = None) -> T:
     return _edit(model, where, lambda path, m: _with(m, pinned=False) if _pinned(m) else m)
 
 
+@no_gc()
 def modes(model: Any) -> dict[str, bool]:
     """Every mode-bearing module's `inference` flag, by dotted path.
 
@@ -109,6 +111,7 @@ def modes(model: Any) -> dict[str, bool]:
     }
 
 
+@no_gc()
 def pinned(model: Any) -> dict[str, bool]:
     """Every mode-bearing module's pin, by dotted path (`False` where it cannot pin)."""
     return {
@@ -139,13 +142,15 @@ def _switch(model: Any, where: Any, *, inference: bool, pin: bool) -> Any:
                     "or switch it without pin=True"
                 )
             return _with(module, inference=inference, pinned=True)
-        if _pinned(module):
+        state = state_of(module)
+        if state.get("pinned", False) or state.get("inference") is inference:
             return module
-        return _with(module, inference=inference)
+        return replace_fields(module, inference=inference)
 
     return _edit(model, where, edit, paths_for_edit=pin)
 
 
+@no_gc()
 def _edit(model: Any, where: Any, edit: Any, *, paths_for_edit: bool = False) -> Any:
     selection = select(where, model)
     seen: list[str] = []
