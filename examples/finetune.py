@@ -104,7 +104,9 @@ def train(
     losses = []
     for i in tqdm(range(steps), desc=desc, leave=False):
         batch = rng.choice(len(x), size=64, replace=False)
-        model, opt_state, loss = step(model, opt_state, x[batch], y[batch], jax.random.fold_in(key, i))
+        model, opt_state, loss = step(
+            model, opt_state, x[batch], y[batch], jax.random.fold_in(key, i)
+        )
         losses.append(loss)
     return model, [float(v) for v in losses]
 
@@ -139,9 +141,18 @@ def main() -> None:
     new_train, new_test = digits(range(5, 10), args.seed)
 
     start = time.perf_counter()
-    pretrained, _ = train(ConvNet(5, key=k_model), old_train, steps=steps, lr=3e-3, seed=args.seed, desc="pretrain 0-4")
-    print(f"pretrained on digits 0-4: test accuracy {accuracy(pretrained, old_test):.3f} "
-          f"({time.perf_counter() - start:.1f}s)")
+    pretrained, _ = train(
+        ConvNet(5, key=k_model),
+        old_train,
+        steps=steps,
+        lr=3e-3,
+        seed=args.seed,
+        desc="pretrain 0-4",
+    )
+    print(
+        f"pretrained on digits 0-4: test accuracy {accuracy(pretrained, old_test):.3f} "
+        f"({time.perf_counter() - start:.1f}s)"
+    )
     checkpoint = os.path.join(args.out, "pretrained.safetensors")
     treenn.save(checkpoint, pretrained)
 
@@ -164,8 +175,10 @@ def main() -> None:
     for name, make in recipes.items():
         start = time.perf_counter()
         model, _ = train(make(), new_train, steps=steps, lr=3e-3, seed=args.seed, desc=name)
-        print(f"{name:32} {accuracy(model, new_test):8.3f} {count(model):10,d} "
-              f"{time.perf_counter() - start:6.1f}s")
+        print(
+            f"{name:32} {accuracy(model, new_test):8.3f} {count(model):10,d} "
+            f"{time.perf_counter() - start:6.1f}s"
+        )
 
 
 def frozen_backbone(model: ConvNet) -> ConvNet:

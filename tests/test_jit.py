@@ -88,7 +88,9 @@ def test_numpy_arrays_and_scalars_are_traced(x):
     f = treenn.jit(traced(lambda x, s: x * s, log))
     np.testing.assert_allclose(f(x, np.float32(2.0)), x * 2)
     np.testing.assert_allclose(f(x, np.float32(3.0)), x * 3)
-    np.testing.assert_allclose(f(np.ones((4, 3), np.float32), np.float32(3.0)), np.full((4, 3), 3.0))
+    np.testing.assert_allclose(
+        f(np.ones((4, 3), np.float32), np.float32(3.0)), np.full((4, 3), 3.0)
+    )
     assert len(log) == 1
 
 
@@ -404,7 +406,9 @@ def test_training_loop_with_state(key):
     """The whole recipe under treenn.jit: BatchNorm statistics and parameters advance
     exactly as under jax.jit, with each call's returned model passed back in."""
     k1, k2 = jax.random.split(key)
-    model = nn.Sequential(nn.Linear(3, 4, key=k1), nn.BatchNorm(4), jax.nn.relu, nn.Linear(4, 3, key=k2))
+    model = nn.Sequential(
+        nn.Linear(3, 4, key=k1), nn.BatchNorm(4), jax.nn.relu, nn.Linear(4, 3, key=k2)
+    )
     xs = jax.random.normal(jax.random.fold_in(key, 9), (8, 3))
     ys = jnp.arange(8) % 3
 
@@ -429,5 +433,7 @@ def test_training_loop_with_state(key):
     np.testing.assert_allclose(bn_j.running_mean, bn_e.running_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn_j.running_var, bn_e.running_var, rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(bn_j.running_var), 1.0)
-    np.testing.assert_allclose(m_jit.layers[3].weight, m_eager.layers[3].weight, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        m_jit.layers[3].weight, m_eager.layers[3].weight, rtol=1e-5, atol=1e-6
+    )
     assert treenn.trainable(m_jit).layers[1].running_mean is None

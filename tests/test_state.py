@@ -51,7 +51,9 @@ def x(key):
 
 def _is_buffer(model, getter) -> bool:
     """Still a buffer: not trainable and not an array of treenn.trainable."""
-    return getter(treenn.trainable(model)) is None and getter(treenn.partition(model)[1]) is not None
+    return (
+        getter(treenn.trainable(model)) is None and getter(treenn.partition(model)[1]) is not None
+    )
 
 
 # -- the update ----------------------------------------------------------------------------
@@ -73,10 +75,14 @@ def test_apply_updates_running_stats_like_pytorch(bn, x):
 
 
 def test_apply_custom_momentum_and_affine(x):
-    layer = eqx.tree_at(lambda m: (m.weight, m.bias), nn.BatchNorm(3, momentum=0.3), (
-        jnp.array([1.0, 2.0, 3.0]),
-        jnp.array([0.0, 1.0, -1.0]),
-    ))
+    layer = eqx.tree_at(
+        lambda m: (m.weight, m.bias),
+        nn.BatchNorm(3, momentum=0.3),
+        (
+            jnp.array([1.0, 2.0, 3.0]),
+            jnp.array([0.0, 1.0, -1.0]),
+        ),
+    )
     out, new = treenn.apply(layer, x)
     assert_stats(new, *expected_stats(x, momentum=0.3))
     np.testing.assert_allclose(

@@ -10,7 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_mypy_is_clean():
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", "typecheck.ini"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Success" in result.stdout

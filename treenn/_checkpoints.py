@@ -41,11 +41,23 @@ T = TypeVar("T")
 PathLike = str | os.PathLike[str]
 
 _DTYPES: dict[str, Any] = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "C64": np.complex64, "C128": np.complex128,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "C64": np.complex64,
+    "C128": np.complex128,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _FORMAT = "treenn-1"
@@ -57,7 +69,10 @@ class CheckpointError(ValueError):
 
 # -- the safetensors container ---------------------------------------------------------
 
-def write_safetensors(path: PathLike, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+
+def write_safetensors(
+    path: PathLike, arrays: dict[str, np.ndarray], metadata: dict[str, str]
+) -> None:
     """Write `arrays` to `path` atomically in the safetensors format."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -67,15 +82,20 @@ def write_safetensors(path: PathLike, arrays: dict[str, np.ndarray], metadata: d
         if dtype not in _CODES:
             raise CheckpointError(f"cannot save {name!r}: dtype {dtype} has no safetensors code")
         blob = np.ascontiguousarray(array).astype(dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _CODES[dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": _CODES[dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         offset += len(blob)
         blobs.append(blob)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     target = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(target) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix="." + os.path.basename(target) + ".", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(head)))
@@ -113,14 +133,18 @@ def read_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, s
     with open(name, "rb") as f:
         data = f.read()
     if len(data) < 8:
-        raise CheckpointError(f"{name!r} is truncated or not a safetensors file ({len(data)} bytes)")
+        raise CheckpointError(
+            f"{name!r} is truncated or not a safetensors file ({len(data)} bytes)"
+        )
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
         raise CheckpointError(f"{name!r} is truncated or corrupt: its header claims {size} bytes")
     try:
         header = json.loads(data[8 : 8 + size])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{name!r} is corrupt or not a safetensors file: bad header ({err})") from err
+        raise CheckpointError(
+            f"{name!r} is corrupt or not a safetensors file: bad header ({err})"
+        ) from err
     if not isinstance(header, dict):
         raise CheckpointError(f"{name!r} is corrupt: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -139,11 +163,16 @@ def read_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, s
                 f"{name!r} is truncated or corrupt: {key!r} needs bytes {begin}..{end} of "
                 f"{len(body)} (expected {expected} bytes for {dtype}{list(shape)})"
             )
-        arrays[key] = np.frombuffer(body[begin:end], dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+        arrays[key] = (
+            np.frombuffer(body[begin:end], dtype.newbyteorder("<"))
+            .astype(dtype, copy=False)
+            .reshape(shape)
+        )
     return arrays, metadata
 
 
 # -- models ------------------------------------------------------------------------------
+
 
 def _is_array_leaf(leaf: Any) -> bool:
     return type(leaf) in MARK_TYPES or isinstance(leaf, ARRAY_TYPES)
@@ -266,7 +295,8 @@ def _metadata(path: PathLike, metadata: dict[str, str]) -> dict[str, Any] | None
             and all(isinstance(meta.get(k), dict) for k in ("modes", "keys"))
             and all(isinstance(n, str) for n in meta["frozen"])
             and all(
-                isinstance(m, dict) and isinstance(m.get("inference"), bool)
+                isinstance(m, dict)
+                and isinstance(m.get("inference"), bool)
                 and isinstance(m.get("pinned"), bool)
                 for m in meta["modes"].values()
             )
@@ -278,7 +308,9 @@ def _metadata(path: PathLike, metadata: dict[str, str]) -> dict[str, Any] | None
     return meta
 
 
-def _check_arrays(path: PathLike, arrays: dict[str, np.ndarray], expected: list[tuple[str, Any]]) -> None:
+def _check_arrays(
+    path: PathLike, arrays: dict[str, np.ndarray], expected: list[tuple[str, Any]]
+) -> None:
     want = {name for name, _ in expected}
     missing = sorted(want - arrays.keys())
     unexpected = sorted(arrays.keys() - want)
@@ -300,8 +332,14 @@ def _check_arrays(path: PathLike, arrays: dict[str, np.ndarray], expected: list[
         if unexpected:
             parts.append(f"not in the model: {_few(unexpected)}")
         if wrong:
-            parts.append("shape/dtype mismatch: " + "; ".join(wrong[:5]) + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit the model: " + ". ".join(parts))
+            parts.append(
+                "shape/dtype mismatch: "
+                + "; ".join(wrong[:5])
+                + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else "")
+            )
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} does not fit the model: " + ". ".join(parts)
+        )
 
 
 def _is_key(leaf: Any) -> bool:
@@ -310,7 +348,9 @@ def _is_key(leaf: Any) -> bool:
 
 
 def _few(names: list[str]) -> str:
-    return ", ".join(repr(n) for n in names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    return ", ".join(repr(n) for n in names[:8]) + (
+        f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+    )
 
 
 def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]) -> Any:
@@ -326,7 +366,10 @@ def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]
         if "pinned" in field_names(type(module)):
             changes["pinned"] = want["pinned"]
         elif want["pinned"]:
-            raise CheckpointError(f"checkpoint pins {name!r}, but the model's {type(module).__name__} cannot be pinned")
+            raise CheckpointError(
+                f"checkpoint pins {name!r}, but the model's {type(module).__name__} "
+                "cannot be pinned"
+            )
         return replace_fields(module, **changes)
 
     model = map_stopped(model, is_mode_bearing, restore)
@@ -338,10 +381,12 @@ def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]
         raise CheckpointError(
             f"checkpoint {os.fspath(path)!r} does not fit the model's mode-bearing modules: "
             + "; ".join(
-                part for part in (
+                part
+                for part in (
                     f"in the file only: {_few(extra)}" if extra else "",
                     f"in the model only: {_few(lacking)}" if lacking else "",
-                ) if part
+                )
+                if part
             )
         )
     return model

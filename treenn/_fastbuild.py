@@ -19,10 +19,34 @@ import jax.tree_util as jtu
 from ._status import MARK_TYPES
 
 
+def _immutable_node(kind: type) -> bool:
+    # Only node types known to be immutable: anything else (list, dict, OrderedDict, a
+    # user's mutable pytree class) may change in place.
+    return (
+        issubclass(kind, tuple)
+        or kind is type(None)
+        or issubclass(kind, eqx.Module)
+        or kind in MARK_TYPES
+        or kind is jtu.Partial
+    )
+
+
+def immutable(treedef: Any) -> bool:
+    """Whether every node of `treedef` is of an immutable type."""
+    data = treedef.node_data()
+    if data is not None and not _immutable_node(data[0]):
+        return False
+    return all(immutable(child) for child in treedef.children())
+
+
 class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.consts: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__}
+        self.consts: dict[str, Any] = {
+            "_new": object.__new__,
+            "_set": object.__setattr__,
+            "_tuple_new": tuple.__new__,
+        }
         self.leaf = 0
 
     def const(self, value: Any) -> str:
@@ -42,8 +66,13 @@ class _Writer:
             expr = leaves[self.leaf]
             self.leaf += 1
             return expr
-        kind, aux = data
         start = self.leaf
+        own = leaves[start : start + treedef.num_leaves]
+        if not any(leaf.startswith("a") for leaf in own) and immutable(treedef):
+            # No array below: the subtree is the same (immutable) object every call.
+            self.leaf += treedef.num_leaves
+            return self.const(treedef.unflatten([self.consts[leaf] for leaf in own]))
+        kind, aux = data
         children = [self.node(child, leaves) for child in treedef.children()]
         if kind is type(None):
             return "None"
@@ -55,9 +84,12 @@ class _Writer:
             items = ", ".join(f"{self.const(k)}: {c}" for k, c in zip(aux, children))
             return self.var("{" + items + "}")
         if kind in MARK_TYPES:
-            return self.var(f"{self.const(kind)}({children[0]})")
+            mark = self.var(f"_new({self.const(kind)})")
+            self.lines.append(f"    _set({mark}, 'value', {children[0]})")
+            return mark
         if issubclass(kind, tuple) and hasattr(kind, "_fields"):
-            return self.var(f"{self.const(kind)}({', '.join(children)})")
+            items = "".join(c + ", " for c in children)
+            return self.var(f"_tuple_new({self.const(kind)}, ({items}))")
         if issubclass(kind, eqx.Module):
             names = _child_names(treedef)
             if names is not None:
@@ -96,12 +128,14 @@ def builder(treedef: Any, statics: tuple[Any, ...], dynamic: Any) -> Callable[[l
     index = 0
     for leaf in statics:
         if leaf is dynamic:
-            leaves.append(f"a[{index}]")
+            leaves.append(f"a{index}")
             index += 1
         else:
             leaves.append(writer.const(leaf))
     result = writer.node(treedef, leaves)
-    source = "def build(a):\n" + "\n".join(writer.lines) + f"\n    return {result}\n"
+    unpack = "".join(f"a{i}, " for i in range(index))
+    head = f"def build(a):\n    ({unpack}) = a\n" if index else "def build(a):\n"
+    source = head + "\n".join(writer.lines) + f"\n    return {result}\n"
     namespace = dict(writer.consts)
     exec(compile(source, f"<treenn build {id(treedef):x}>", "exec"), namespace)
     return namespace["build"]

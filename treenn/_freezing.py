@@ -11,9 +11,9 @@ from typing import Any, TypeVar, cast
 
 import jax.tree_util as jtu
 
+from ._module import fit_class, is_foreign_type
 from ._selectors import Where, no_match, select
 from ._status import Frozen, Status, status_of
-from ._module import fit_class, is_foreign_type
 from ._tree import (
     STOP_CONTAINER,
     STOP_FOREIGN,

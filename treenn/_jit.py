@@ -22,23 +22,16 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
-import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._fastbuild import builder
-from ._status import MARK_TYPES, is_array
+from ._fastbuild import builder, immutable
+from ._status import is_array
 
 Donate = Literal["none", "all", "all-except-first", "warn", "warn-except-first"]
 
-_DONATE: dict[str, tuple[int, ...]] = {
-    "none": (),
-    "all": (0, 1),
-    "all-except-first": (1,),
-    "warn": (0, 1),
-    "warn-except-first": (1,),
-}
+_DONATE = ("none", "all", "all-except-first", "warn", "warn-except-first")
 _ARRAY_ID = 0  # structure id of a bare array argument
 
 
@@ -61,7 +54,7 @@ class _Structure:
         self.treedef = treedef
         self.statics = statics
         self.n_dynamic = sum(1 for s in statics if s is _DYNAMIC)
-        self.immutable = _immutable(treedef)
+        self.immutable = immutable(treedef)
         self._fast: Callable[[list[Any]], Any] | None = None
 
     def build(self, arrays: list[Any]) -> Any:
@@ -73,25 +66,6 @@ class _Structure:
         if self._fast is None:
             self._fast = builder(self.treedef, self.statics, _DYNAMIC)
         return self._fast(arrays)
-
-
-def _immutable_node(kind: type) -> bool:
-    # Only node types known to be immutable: anything else (list, dict, OrderedDict, a
-    # user's mutable pytree class) may change in place between calls.
-    return (
-        issubclass(kind, tuple)
-        or kind is type(None)
-        or issubclass(kind, eqx.Module)
-        or kind in MARK_TYPES
-        or kind is jtu.Partial
-    )
-
-
-def _immutable(treedef: Any) -> bool:
-    data = treedef.node_data()
-    if data is not None and not _immutable_node(data[0]):
-        return False
-    return all(_immutable(child) for child in treedef.children())
 
 
 class _Entry:
@@ -111,7 +85,7 @@ class _Entry:
 class _Jit:
     def __init__(self, fn: Callable[..., Any], donate: str):
         if donate not in _DONATE:
-            raise ValueError(f"donate={donate!r} is not one of {sorted(_DONATE)}")
+            raise ValueError(f"donate={donate!r} is not one of {list(_DONATE)}")
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._donate = donate
@@ -124,7 +98,9 @@ class _Jit:
         self._known: dict[int, tuple[Any, list[Any], int]] = {}
 
     # -- per-argument flattening ----------------------------------------------------
-    def _split(self, x: Any, known: dict[int, Any], remember: dict[int, Any]) -> tuple[list[Any], int]:
+    def _split(
+        self, x: Any, known: dict[int, Any], remember: dict[int, Any]
+    ) -> tuple[list[Any], int]:
         if is_array(x):
             return [x], _ARRAY_ID
         hit = known.get(id(x))
@@ -136,8 +112,10 @@ class _Jit:
         statics = tuple(_DYNAMIC if is_array(leaf) else leaf for leaf in leaves)
         sid = self._structure_id(treedef, statics)
         structure = self._structures[sid]
-        if structure is not None and structure.immutable and not any(
-            isinstance(leaf, np.ndarray) for leaf in dynamic
+        if (
+            structure is not None
+            and structure.immutable
+            and not any(isinstance(leaf, np.ndarray) for leaf in dynamic)
         ):
             remember[id(x)] = (x, dynamic, sid)
         return dynamic, sid
@@ -166,41 +144,42 @@ class _Jit:
             objects = (*objects, self._fn)
         if kwargs:
             objects = (*objects, kwargs)
-        first: list[Any] = []
-        rest: list[Any] = []
+        # One list of arrays per argument object: JAX flattens the lists in C++, and
+        # output lists come back per output element, ready to be passed in again.
+        lists = []
         sids = []
-        for i, obj in enumerate(objects):
+        for obj in objects:
             dynamic, sid = self._split(obj, known, remember)
+            lists.append(dynamic)
             sids.append(sid)
-            if i == 0:
-                first = dynamic
-            else:
-                rest = rest + dynamic
         key = (len(args), bool(kwargs), *sids)
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = self._compile(key)
         jitted = entry.jitted
         if entry.by_shape is not None:
-            jitted = self._by_shape(entry, key, first + rest)
+            jitted = self._by_shape(entry, key, lists)
         if self._quiet:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-                out_arrays = jitted(first, rest)
+                out_lists = jitted(*lists)
         else:
-            out_arrays = jitted(first, rest)
-        out = self._rebuild(entry.out, out_arrays, remember)
+            out_lists = jitted(*lists)
+        out = self._rebuild(entry.out, out_lists, remember)
         self._known = remember
         return out
 
-    def _rebuild(self, out_info: Any, arrays: list[Any], remember: dict[int, Any]) -> Any:
+    def _rebuild(self, out_info: Any, out_lists: list[list[Any]], remember: dict[int, Any]) -> Any:
         structure, parts = out_info
-        out = structure.build_fast(arrays)
-        if parts is not None:
-            for element, (start, stop, part_sid) in zip(out, parts):
-                if part_sid is not None:
-                    remember[id(element)] = (element, arrays[start:stop], part_sid)
-        return out
+        if parts is None:
+            return structure.build_fast(out_lists[0])
+        elements = []
+        for arrays, (part, sid) in zip(out_lists, parts):
+            element = part.build_fast(arrays)
+            if sid is not None:
+                remember[id(element)] = (element, arrays, sid)
+            elements.append(element)
+        return tuple(elements)
 
     def _compile(self, key: tuple[Any, ...]) -> _Entry:
         n_args, has_kwargs, *sids = key
@@ -208,17 +187,11 @@ class _Jit:
         entry = _Entry()
         fn = self._fn
 
-        def flat(first: list[Any], rest: list[Any]) -> list[Any]:
-            arrays = first + rest
-            objects = []
-            at = 0
-            for structure in structures:
-                if structure is None:
-                    objects.append(arrays[at])
-                    at += 1
-                else:
-                    objects.append(structure.build(arrays[at : at + structure.n_dynamic]))
-                    at += structure.n_dynamic
+        def flat(*lists: list[Any]) -> list[list[Any]]:
+            objects = [
+                arrays[0] if structure is None else structure.build(arrays)
+                for structure, arrays in zip(structures, lists)
+            ]
             call_fn = objects[n_args] if self._fn_is_arg else fn
             call_kwargs = objects[-1] if has_kwargs else {}
             out = call_fn(*objects[:n_args], **call_kwargs)
@@ -226,47 +199,52 @@ class _Jit:
             if entry.out is not None and entry.by_shape is None and not _same(entry.out, out_info):
                 entry.by_shape = {}
             entry.out = out_info
-            return [x for x in jtu.tree_leaves(out) if is_array(x)]
+            if out_info[1] is None:
+                return [_arrays(out)]
+            return [_arrays(element) for element in out]
 
-        entry.jitted = jax.jit(flat, donate_argnums=_DONATE[self._donate])
+        first = 1 if self._donate.endswith("except-first") else 0
+        donate = tuple(range(first, len(sids))) if self._donate != "none" else ()
+        entry.jitted = jax.jit(flat, donate_argnums=donate)
         return entry
 
     def _describe_output(self, out: Any) -> tuple[_Structure, Any]:
         """The output's structure (its non-array leaves need not be hashable), and for a
-        tuple output the place and structure id of each element, so that the elements
-        (a model, an optimiser state) are recognised when passed back."""
+        tuple output the structure of each element, with a structure id when the element
+        (a model, an optimiser state) can be recognised when passed back."""
         structure = _Structure(*_split_leaves(out))
-        parts = None
-        if type(out) is tuple:
-            parts = []
-            start = 0
-            for element in out:
-                e_treedef, e_statics = _split_leaves(element)
-                e_structure = _Structure(e_treedef, e_statics)
-                stop = start + e_structure.n_dynamic
-                sid = None
-                if e_structure.immutable and all(_hashable(x) for x in e_statics):
-                    sid = self._structure_id(e_treedef, e_statics)
-                parts.append((start, stop, sid))
-                start = stop
+        if type(out) is not tuple:
+            return structure, None
+        parts = []
+        for element in out:
+            e_treedef, e_statics = _split_leaves(element)
+            part = _Structure(e_treedef, e_statics)
+            sid = None
+            if part.immutable and all(_hashable(x) for x in e_statics):
+                sid = self._structure_id(e_treedef, e_statics)
+            parts.append((part, sid))
         return structure, parts
 
-    def _by_shape(self, entry: _Entry, key: tuple[Any, ...], arrays: list[Any]) -> Any:
+    def _by_shape(self, entry: _Entry, key: tuple[Any, ...], lists: list[list[Any]]) -> Any:
         # Rare: output structure depends on input shapes. One jit per shape signature,
         # so each call's output structure is the one its own trace produced.
         assert entry.by_shape is not None
-        signature = tuple((np.shape(x), np.dtype(x.dtype)) for x in arrays)
+        signature = tuple((np.shape(x), np.dtype(x.dtype)) for arrays in lists for x in arrays)
         sub = entry.by_shape.get(signature)
         if sub is None:
             sub = entry.by_shape[signature] = self._compile(key)
         jitted = sub.jitted
 
-        def call(first: list[Any], rest: list[Any]) -> list[Any]:
-            result = jitted(first, rest)
+        def call(*lists: list[Any]) -> list[list[Any]]:
+            result = jitted(*lists)
             entry.out = sub.out
             return result
 
         return call
+
+
+def _arrays(tree: Any) -> list[Any]:
+    return [x for x in jtu.tree_leaves(tree) if is_array(x)]
 
 
 def _split_leaves(tree: Any) -> tuple[Any, tuple[Any, ...]]:
@@ -277,9 +255,7 @@ def _split_leaves(tree: Any) -> tuple[Any, tuple[Any, ...]]:
 def _same(a: tuple[_Structure, Any], b: tuple[_Structure, Any]) -> bool:
     """Whether two traces gave the same output structure."""
     try:
-        return bool(
-            a[0].treedef == b[0].treedef and a[0].statics == b[0].statics and a[1] == b[1]
-        )
+        return bool(a[0].treedef == b[0].treedef and a[0].statics == b[0].statics and a[1] == b[1])
     except Exception:  # statics whose == is not a plain bool: assume they differ
         return False
 
@@ -296,9 +272,7 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def jit(
-    fn: Callable[..., Any] | None = None, *, donate: Donate = "none"
-) -> Any:
+def jit(fn: Callable[..., Any] | None = None, *, donate: Donate = "none") -> Any:
     """Compile `fn` with XLA: array leaves of the arguments are traced, everything else
     is static, as in `eqx.filter_jit`.
 

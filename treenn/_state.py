@@ -149,4 +149,3 @@ def _updated(module: Any, values: dict[str, Any]) -> Any:
         for name, value in values.items()
     }
     return replace_fields(module, **changes)
-

@@ -44,8 +44,16 @@ def rows(model: Any) -> list[tuple[str, str, str, str, int, str, str, int]]:
             size = int(math.prod(array.shape))
             nbytes = size * np.dtype(array.dtype).itemsize
             out.append(
-                (dotted(leaf_path), kind, str(tuple(array.shape)), str(array.dtype), size,
-                 status.value, mode, nbytes)
+                (
+                    dotted(leaf_path),
+                    kind,
+                    str(tuple(array.shape)),
+                    str(array.dtype),
+                    size,
+                    status.value,
+                    mode,
+                    nbytes,
+                )
             )
         if arrays == 0 and mode != "-":
             out.append((dotted(path), kind, "-", "-", 0, "-", mode, 0))

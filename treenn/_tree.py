@@ -280,7 +280,9 @@ def fit_classes(tree: Any) -> Any:
     return fit_class(tree) if is_foreign_type(type(tree)) else tree
 
 
-def modules(tree: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, list[tuple[KeyPath, Any]]]]:
+def modules(
+    tree: Any, prefix: KeyPath = ()
+) -> Iterator[tuple[KeyPath, Any, list[tuple[KeyPath, Any]]]]:
     """Every module in `tree`, pre-order, as `(path, module, own_leaves)`.
 
     `own_leaves` are the `(path, leaf)` pairs the module holds directly or inside plain

@@ -75,7 +75,9 @@ def make_eqx(model, tx):
 
     @eqx.filter_jit
     def step(model, opt, x, y):
-        params = eqx.tree_at(frozen, eqx.filter(model, eqx.is_inexact_array), replace_fn=lambda _: None)
+        params = eqx.tree_at(
+            frozen, eqx.filter(model, eqx.is_inexact_array), replace_fn=lambda _: None
+        )
         loss, grads = eqx.filter_value_and_grad(loss_fn)(params, model, x, y)
         updates, opt = tx.update(grads, opt, params)
         return eqx.apply_updates(model, updates), opt, loss
@@ -118,13 +120,18 @@ def make_raw(model, tx):
     return run
 
 
-def time_sync(run, x, y, n):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        run(x, y).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def time_sync(runs, x, y, n):
+    """Median per-step time of each variant, the variants interleaved step by step so
+    that the machine's drift affects them alike."""
+    times = {name: [] for name in runs}
+    names = list(runs)
+    for i in range(n):
+        # Rotate the order each step: a variant's position in the interleave matters.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = time.perf_counter()
+            runs[name](x, y).block_until_ready()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def time_pipelined(run, x, y, n):
@@ -146,18 +153,25 @@ def main() -> None:
     x = jax.random.normal(jax.random.fold_in(key, 1), (BATCH, WIDTH))
     y = jax.random.normal(jax.random.fold_in(key, 2), (BATCH, WIDTH))
     tx = optax.adam(1e-3)
-    runs = {"raw jax.jit": make_raw(model, tx), "treenn.jit": make_treenn(model, tx),
-            "eqx.filter_jit": make_eqx(model, tx)}
+    runs = {
+        "raw jax.jit": make_raw(model, tx),
+        "treenn.jit": make_treenn(model, tx),
+        "eqx.filter_jit": make_eqx(model, tx),
+    }
     for run in runs.values():  # compile and warm up
         for _ in range(20):
             run(x, y).block_until_ready()
     sync = {name: [] for name in runs}
     piped = {name: [] for name in runs}
     for _ in range(args.rounds):
+        for name, median in time_sync(runs, x, y, args.steps).items():
+            sync[name].append(median)
         for name, run in runs.items():
-            sync[name].append(time_sync(run, x, y, args.steps))
             piped[name].append(time_pipelined(run, x, y, args.steps))
-    print(f"jax {jax.__version__}, equinox {eqx.__version__}, CPU, {DEPTH}x{WIDTH} MLP, batch {BATCH}, Adam, layer 0 frozen")
+    print(
+        f"jax {jax.__version__}, equinox {eqx.__version__}, CPU, {DEPTH}x{WIDTH} MLP, "
+        f"batch {BATCH}, Adam, layer 0 frozen"
+    )
     print(f"{'variant':16} {'sync us':>9} {'ratio':>6} {'pipelined us':>13} {'ratio':>6}")
     base_s = statistics.median(sync["raw jax.jit"])
     base_p = statistics.median(piped["raw jax.jit"])

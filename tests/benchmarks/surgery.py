@@ -67,7 +67,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     args = parser.parse_args()
     print(f"jax {jax.__version__}, equinox {eqx.__version__}; median of {args.repeats}, ms")
-    header = f"{'blocks':>7} {'model':>14} {'flatten':>8} {'eqx.inference_mode':>19} {'nn.eval_mode':>13} {'treenn.freeze':>14}   ratios vs eqx / vs flatten"
+    header = (
+        f"{'blocks':>7} {'model':>14} {'flatten':>8} {'eqx.inference_mode':>19} "
+        f"{'nn.eval_mode':>13} {'treenn.freeze':>14}   ratios vs eqx / vs flatten"
+    )
     print(header)
     for n in args.sizes:
         model = make(n, "eqx")
@@ -85,8 +88,11 @@ def main() -> None:
             )
         sel = timed(lambda: nn.eval_mode(model, "blocks.*.dropout"), args.repeats)
         frs = timed(lambda: treenn.freeze(model, "**.weight"), args.repeats)
-        print(f"{'':22} with a path selector: eval_mode 'blocks.*.dropout' {sel * 1e3:.2f} ms "
-              f"({sel / flat:.2f}x flatten), freeze '**.weight' {frs * 1e3:.2f} ms ({frs / flat:.2f}x flatten)")
+        print(
+            f"{'':22} with a path selector: eval_mode 'blocks.*.dropout' {sel * 1e3:.2f} ms "
+            f"({sel / flat:.2f}x flatten), freeze '**.weight' {frs * 1e3:.2f} ms "
+            f"({frs / flat:.2f}x flatten)"
+        )
 
 
 if __name__ == "__main__":

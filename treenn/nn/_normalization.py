@@ -163,7 +163,9 @@ class LayerNorm(Module):
         bias: bool = True,
         dtype: Any = None,
     ):
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        shape = (
+            (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        )
         if not shape or not all(isinstance(s, int) and s >= 1 for s in shape):
             raise ValueError(f"nn.LayerNorm({normalized_shape!r}): expected positive sizes")
         dtype = jnp.float32 if dtype is None else dtype

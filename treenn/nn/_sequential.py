@@ -65,7 +65,9 @@ class Sequential(Module):
 
     def __call__(self, x: Any, *, key: PRNGKeyArray | None = None) -> Any:
         keys: list[Any] = (
-            [None] * len(self.layers) if key is None else list(jax.random.split(key, len(self.layers)))
+            [None] * len(self.layers)
+            if key is None
+            else list(jax.random.split(key, len(self.layers)))
         )
         for layer, k in zip(self.layers, keys):
             x = layer(x, key=k)
