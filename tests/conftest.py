@@ -14,6 +14,8 @@ import pytest
 
 import treenn
 import treenn.nn as nn
+from treenn._status import status_of
+from treenn._tree import dotted, flatten
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -87,3 +89,28 @@ def labels() -> jax.Array:
 @pytest.fixture
 def eqx_user(key: jax.Array) -> EqxUser:
     return EqxUser(key=key)
+
+
+# -- helpers shared by the tests (import them from conftest) ---------------------------
+
+NET_PARAMS = {
+    "backbone.layers.0.weight",
+    "backbone.layers.0.bias",
+    "backbone.layers.1.weight",
+    "backbone.layers.1.bias",
+    "backbone.layers.4.weight",
+    "backbone.layers.4.bias",
+    "head.weight",
+    "head.bias",
+}
+NET_BUFFERS = {"backbone.layers.1.running_mean", "backbone.layers.1.running_var"}
+
+
+def statuses(model: object) -> dict[str, str]:
+    """Dotted path -> status ('trainable', 'frozen', 'buffer', 'static') of every leaf."""
+    paths, leaves, _ = flatten(model)
+    return {dotted(p): status_of(x).value for p, x in zip(paths, leaves)}
+
+
+def paths_with(model: object, status: str) -> set[str]:
+    return {p for p, s in statuses(model).items() if s == status}

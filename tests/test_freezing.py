@@ -10,35 +10,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 import pytest
-from conftest import optax_promotion
+from conftest import NET_BUFFERS, NET_PARAMS, optax_promotion, paths_with, statuses
 
 import treenn
 from treenn import nn
-from treenn._status import status_of
 from treenn._tree import dotted, flatten
 
-NET_PARAMS = {
-    "backbone.layers.0.weight",
-    "backbone.layers.0.bias",
-    "backbone.layers.1.weight",
-    "backbone.layers.1.bias",
-    "backbone.layers.4.weight",
-    "backbone.layers.4.bias",
-    "head.weight",
-    "head.bias",
-}
-NET_BUFFERS = {"backbone.layers.1.running_mean", "backbone.layers.1.running_var"}
 BIASES = {"backbone.layers.0.bias", "backbone.layers.1.bias", "backbone.layers.4.bias", "head.bias"}
-
-
-def statuses(model):
-    """Dotted path -> status ('trainable', 'frozen', 'buffer', 'static') of every leaf."""
-    paths, leaves, _ = flatten(model)
-    return {dotted(p): status_of(x).value for p, x in zip(paths, leaves)}
-
-
-def paths_with(model, status):
-    return {p for p, s in statuses(model).items() if s == status}
 
 
 def trainable_leaf_paths(model):

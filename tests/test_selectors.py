@@ -13,29 +13,22 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import pytest
-from conftest import Net
+from conftest import NET_BUFFERS, NET_PARAMS, Net, paths_with
 
 import treenn
 from treenn import nn
 from treenn._selectors import glob_regex, select
-from treenn._status import status_of
 from treenn._tree import dotted, flatten
 
 # -- helpers --------------------------------------------------------------------------
 
 
-def statuses(model):
-    """Dotted path -> status ('trainable', 'frozen', 'buffer', 'static') of every leaf."""
-    paths, leaves, _ = flatten(model)
-    return {dotted(p): status_of(x).value for p, x in zip(paths, leaves)}
-
-
 def frozen_paths(model):
-    return {p for p, s in statuses(model).items() if s == "frozen"}
+    return paths_with(model, "frozen")
 
 
 def trainable_paths(model):
-    return {p for p, s in statuses(model).items() if s == "trainable"}
+    return paths_with(model, "trainable")
 
 
 def covered(where, model):
@@ -45,19 +38,6 @@ def covered(where, model):
     if selection is None:
         return set(paths)
     return {p for p in paths if selection.covers(p)}
-
-
-NET_PARAMS = {
-    "backbone.layers.0.weight",
-    "backbone.layers.0.bias",
-    "backbone.layers.1.weight",
-    "backbone.layers.1.bias",
-    "backbone.layers.4.weight",
-    "backbone.layers.4.bias",
-    "head.weight",
-    "head.bias",
-}
-NET_BUFFERS = {"backbone.layers.1.running_mean", "backbone.layers.1.running_var"}
 
 
 class Tricky(treenn.Module):
