@@ -158,6 +158,11 @@ def replace_fields(module: Any, **changes: Any) -> Any:
     return new
 
 
+_GC_LOCK = threading.Lock()
+_GC_DEPTH = 0  # nesting depth of no_gc blocks, across threads
+_GC_STATE = [True]  # whether the collector was enabled when the outermost block began
+
+
 @contextlib.contextmanager
 def no_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector during a bulk edit.
@@ -180,11 +185,6 @@ def no_gc() -> Iterator[None]:
             _GC_DEPTH -= 1
             if _GC_DEPTH == 0 and _GC_STATE[0]:
                 gc.enable()
-
-
-_GC_LOCK = threading.Lock()
-_GC_DEPTH = 0
-_GC_STATE = [True]
 
 
 _DYNAMIC_FIELDS: dict[type, tuple[str, ...]] = {}
@@ -224,8 +224,8 @@ def _may_nest(node: Any) -> bool:
     return any(type(v) not in MARK_TYPES and STOP_CONTAINER(v) for v in state.values())
 
 
-def _below(tree: Any, stop: Stop) -> Stop:
-    # Stop at `stop`'s nodes below the root, never at the root itself.
+def below(tree: Any, stop: Stop) -> Stop:
+    """`stop`, but never stopping at `tree` itself (to visit a stopped node's contents)."""
     if not stop(tree):
         return stop
     return lambda x: x is not tree and (type(x) in MARK_TYPES or stop(x))
@@ -245,7 +245,7 @@ def map_stopped(
     `stop` must come from `by_type`. Stopped nodes inside another are visited too,
     innermost first: `fn` receives a node whose own stopped descendants were replaced.
     """
-    is_leaf = _below(tree, stop)
+    is_leaf = below(tree, stop)
     if paths:
         key_paths, flat, treedef = flatten(tree, is_leaf)
     else:
@@ -267,11 +267,6 @@ def map_stopped(
     return unflatten(treedef, flat)
 
 
-def below(tree: Any, stop: Stop) -> Stop:
-    """`stop`, but never stopping at `tree` itself (to visit a stopped node's contents)."""
-    return _below(tree, stop)
-
-
 def fit_classes(tree: Any) -> Any:
     """Give every Equinox module holding a status mark the class that reads through it
     (see `treenn._module.fit_class`), and restore the original class of one that no
@@ -289,7 +284,7 @@ def modules(
     containers (tuples, lists, dicts), not inside a submodule. A tree whose root is not
     a module yields its top-level leaves under a root entry with `module=None`.
     """
-    paths, flat, _ = flatten(tree, _below(tree, STOP_MODULE))
+    paths, flat, _ = flatten(tree, below(tree, STOP_MODULE))
     own: list[tuple[KeyPath, Any]] = []
     subs: list[tuple[KeyPath, Any]] = []
     for path, leaf in zip(paths, flat):
