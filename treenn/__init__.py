@@ -1,12 +1,24 @@
 """treenn: Equinox-style immutable pytree modules with tree-surgery mode switching."""
 
 from . import nn as nn
-from ._checkpoints import CheckpointError as CheckpointError, load as load, save as save
-from ._freezing import freeze as freeze, unfreeze as unfreeze
+from ._checkpoints import (
+    CheckpointError as CheckpointError,
+    LoadReport as LoadReport,
+    load as load,
+    load_pretrained as load_pretrained,
+    save as save,
+)
+from ._freezing import (
+    freeze as freeze,
+    freeze_backbone as freeze_backbone,
+    unfreeze as unfreeze,
+)
 from ._jit import jit as jit
 from ._module import Module as Module
+from ._optimizers import migrate_opt_state as migrate_opt_state
 from ._selectors import Where as Where
 from ._state import apply as apply
+from ._steps import eval_step as eval_step, train_step as train_step
 from ._summary import summary as summary
 from ._transforms import (
     apply_updates as apply_updates,

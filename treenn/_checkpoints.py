@@ -12,6 +12,7 @@ target, so a crash at any point leaves either the old checkpoint or the new one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -276,6 +277,91 @@ def load(path: PathLike, like: T) -> T:
         new.append(value)
     model = fit_classes(unflatten(treedef, new))
     return _restore_modes(path, model, meta["modes"]) if meta else model
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What `treenn.load_pretrained` matched, like PyTorch's `load_state_dict(strict=False)`.
+
+    - `loaded`: paths filled from the file.
+    - `missing`: paths of the model the file lacks (kept as initialised: a new head).
+    - `unexpected`: paths of the file the model lacks (ignored: an old head).
+    - `skipped`: paths in both whose shape or dtype differ (kept as initialised), when
+        `skip_mismatched=True`.
+    """
+
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    skipped: list[str]
+
+
+@no_gc()
+def load_pretrained(
+    path: PathLike, like: T, *, skip_mismatched: bool = False
+) -> tuple[T, LoadReport]:
+    """Load the arrays of a checkpoint that match a model by path, for fine-tuning a
+    model whose head (or other parts) differ from the pretrained one.
+
+    **Arguments:**
+
+    - `path`: a checkpoint written by `treenn.save`, or any safetensors file keyed by
+        dotted paths.
+    - `like`: the model to fill; its frozen status, modes and pins are kept (the file
+        gives arrays only).
+    - `skip_mismatched`: keep `like`'s array where the file's has another shape or
+        dtype, instead of raising.
+
+    **Returns:** `(model, report)`, a `LoadReport` listing loaded, missing, unexpected
+    and skipped paths. Raises `CheckpointError` naming every mismatched path unless
+    `skip_mismatched=True`, and when nothing matches at all.
+
+    !!! Example
+
+        ```python
+        model, report = treenn.load_pretrained("pretrained.safetensors", new_model)
+        print(report.missing)     # ['fc.weight', 'fc.bias'] with a new head shape...
+        ```
+    """
+    arrays, _ = read_safetensors(path)
+    paths, leaves, treedef = flatten(like)
+    loaded: list[str] = []
+    missing: list[str] = []
+    skipped: list[str] = []
+    wrong: list[str] = []
+    new = []
+    for key_path, leaf in zip(paths, leaves):
+        name = dotted(key_path) if _is_array_leaf(leaf) else None
+        if name is None or name not in arrays:
+            if name is not None:
+                missing.append(name)
+            new.append(leaf)
+            continue
+        array = leaf.value if type(leaf) in MARK_TYPES else leaf
+        stored = arrays[name]
+        if tuple(stored.shape) != tuple(array.shape) or stored.dtype != np.dtype(array.dtype):
+            skipped.append(name)
+            wrong.append(
+                f"{name!r}: file {stored.dtype}{list(stored.shape)}, "
+                f"model {np.dtype(array.dtype)}{list(array.shape)}"
+            )
+            new.append(leaf)
+            continue
+        value = np.array(stored) if _is_numpy(leaf) else jnp.asarray(stored)
+        new.append(type(leaf)(value) if type(leaf) in MARK_TYPES else value)
+        loaded.append(name)
+    if wrong and not skip_mismatched:
+        raise CheckpointError(
+            f"load_pretrained({os.fspath(path)!r}): shape/dtype mismatch (pass "
+            f"skip_mismatched=True to keep the model's): " + "; ".join(wrong)
+        )
+    if not loaded:
+        raise CheckpointError(
+            f"load_pretrained({os.fspath(path)!r}): no array of the file matches the model "
+            f"by path; file: {_few(sorted(arrays))}; model: {_few(missing)}"
+        )
+    unexpected = sorted(arrays.keys() - set(loaded) - set(skipped))
+    return unflatten(treedef, new), LoadReport(loaded, missing, unexpected, skipped)
 
 
 def _is_numpy(leaf: Any) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar, cast
 import jax.tree_util as jtu
 
 from ._module import fit_class, is_foreign_type
-from ._selectors import Where, no_match, select
+from ._selectors import Selection, Where, no_match, select
 from ._status import Frozen, Status, status_of
 from ._tree import (
     STOP_CONTAINER,
@@ -76,6 +76,38 @@ def unfreeze(model: T, where: Where = None) -> T:
 
 
 _PARAMETER = (Status.TRAINABLE, Status.FROZEN)
+
+
+def freeze_backbone(model: T, head: Where) -> T:
+    """The frozen-backbone recipe in one call (linear probing): everything but `head` is
+    frozen, and every mode-bearing module outside `head` (BatchNorm, Dropout) is pinned
+    in evaluation mode, so training steps leave the backbone exactly as it was: no
+    gradients, no optimiser state, no running-statistics updates.
+
+    **Arguments:**
+
+    - `model`: a treenn or Equinox model.
+    - `head`: what stays trainable (a selector, e.g. `"fc"` or `lambda m: m.head`).
+
+    **Returns:** the new model. Undo with `treenn.unfreeze` and `nn.unpin`.
+
+    !!! Example
+
+        ```python
+        model = treenn.freeze_backbone(model, "fc")
+        opt_state = tx.init(treenn.trainable(model))   # the head's arrays only
+        ```
+    """
+    from .nn._modes import eval_mode, modes
+
+    selection = select(head, model)
+    if selection is None:
+        raise ValueError("freeze_backbone: head=None selects the whole model; name the head")
+    model = _set_frozen(_set_frozen(model, None, True), head, False)
+    backbone = [path for path in modes(model) if not selection.covers(path)]
+    if not backbone:
+        return model
+    return eval_mode(model, Selection(head, lambda path: path in backbone), pin=True)
 
 
 class _Report:

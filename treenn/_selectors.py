@@ -173,6 +173,8 @@ def select(where: Any, tree: Any) -> Selection | None:
     """Resolve `where` against `tree`. `None` means the whole tree."""
     if where is None:
         return None
+    if isinstance(where, Selection):
+        return where  # already resolved (internal callers)
     if isinstance(where, str):
         return _glob(where)
     if isinstance(where, type) or (

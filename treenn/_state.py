@@ -14,6 +14,7 @@ inside the model, whose values cannot leave it as a side effect.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
@@ -106,11 +107,20 @@ def apply(model: T, *args: Any, **kwargs: Any) -> tuple[Any, T]:
         (loss, model), grads = treenn.value_and_grad(loss_fn, has_aux=True)(model, x, y, key)
         ```
     """
+    return run(lambda m: m(*args, **kwargs), model)  # type: ignore[operator]
+
+
+def run(fn: Callable[[T], Any], model: T) -> tuple[Any, T]:
+    """`fn(model)` with state collection: `(output, model with updated state)`.
+
+    `treenn.apply` is `run(lambda m: m(x), model)`; `treenn.train_step` runs a whole
+    loss function this way, so that a loss calling `model(x)` directly updates state.
+    """
     context = _Context()
     stack = _stack()
     stack.append(context)
     try:
-        out = model(*args, **kwargs)  # type: ignore[operator]
+        out = fn(model)
     finally:
         stack.pop()
     if not context.updates:

@@ -10,7 +10,8 @@ import jax
 import jax.tree_util as jtu
 
 from ._status import ARRAY_TYPES, Status, status_of
-from ._tree import dotted, flatten, leaves
+from ._tree import dotted, flatten, leaves, modules, state_of, static_fields
+from .nn._modes import mode_free
 
 T = TypeVar("T")
 
@@ -48,7 +49,8 @@ def partition(model: T) -> tuple[Any, Any]:
         else:
             train.append(None)
             rest.append(leaf)
-    return jtu.tree_unflatten(treedef, train), jtu.tree_unflatten(treedef, rest)
+    # Trainable trees have default modes: optimiser states must not depend on modes.
+    return mode_free(jtu.tree_unflatten(treedef, train)), jtu.tree_unflatten(treedef, rest)
 
 
 def trainable(model: T) -> Any:
@@ -89,7 +91,7 @@ def combine(trainable: Any, rest: Any) -> Any:
     """
     t_leaves, t_def = leaves(trainable, _is_none)
     r_leaves, r_def = leaves(rest, _is_none)
-    if t_def != r_def:
+    if t_def != r_def and t_def != leaves(mode_free(rest), _is_none)[1]:
         raise ValueError("combine: " + structure_mismatch(trainable, rest, "trainable", "rest"))
     return jtu.tree_unflatten(r_def, [r if t is None else t for t, r in zip(t_leaves, r_leaves)])
 
@@ -109,10 +111,21 @@ def structure_mismatch(a: Any, b: Any, a_name: str, b_name: str) -> str:
         if only_b:
             parts.append(f"paths only in {b_name}: {_few(only_b)}")
         return "structures differ; " + "; ".join(parts)
-    return (
-        f"{a_name} and {b_name} have the same paths but different node types or static "
-        "fields (e.g. a module in another mode, or another class)"
-    )
+    return _first_static_difference(a, b, a_name, b_name)
+
+
+def _first_static_difference(a: Any, b: Any, a_name: str, b_name: str) -> str:
+    for (path, ma, _), (_, mb, _) in zip(modules(a), modules(b)):
+        where = repr(dotted(path))
+        if type(ma) is not type(mb):
+            return f"at {where}: {a_name} has {type(ma).__name__}, {b_name} {type(mb).__name__}"
+        if ma is None:
+            continue
+        for name in static_fields(type(ma)):
+            va, vb = state_of(ma).get(name), state_of(mb).get(name)
+            if va is not vb and va != vb:
+                return f"at {where}: {name} is {va!r} in {a_name}, {vb!r} in {b_name}"
+    return f"{a_name} and {b_name} have the same paths but different node types"
 
 
 def _few(names: list[str]) -> str:

@@ -200,6 +200,19 @@ def dynamic_fields(kind: type) -> tuple[str, ...]:
     return names
 
 
+_STATIC_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def static_fields(kind: type) -> tuple[str, ...]:
+    """Names of a dataclass module's static fields (part of its tree structure)."""
+    names = _STATIC_FIELDS.get(kind)
+    if names is None:
+        names = _STATIC_FIELDS[kind] = tuple(
+            f.name for f in dataclasses.fields(kind) if f.metadata.get("static", False)
+        )
+    return names
+
+
 _ALL_STATIC: dict[type, bool] = {}
 
 

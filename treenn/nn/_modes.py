@@ -6,6 +6,7 @@ also have a `pinned` field: a pinned module keeps its mode through later unpinne
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, TypeVar
 
 from .._selectors import Where, no_match, select
@@ -173,3 +174,35 @@ def _edit(model: Any, where: Any, edit: Any, *, paths_for_edit: bool = False) ->
     if selection is not None and not acted:
         raise no_match(where, "mode-bearing module (one with an `inference` field)", seen)
     return new
+
+
+_STATIC_MODE_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _static_mode_fields(kind: type) -> tuple[str, ...]:
+    names = _STATIC_MODE_FIELDS.get(kind)
+    if names is None:
+        names = _STATIC_MODE_FIELDS[kind] = tuple(
+            f.name
+            for f in dataclasses.fields(kind)
+            if f.name in ("inference", "pinned") and f.metadata.get("static", False)
+        )
+    return names
+
+
+def _default_mode(_: Any, module: Any) -> Any:
+    state = state_of(module)
+    changes = {k: False for k in _static_mode_fields(type(module)) if state.get(k) is not False}
+    return replace_fields(module, **changes) if changes else module
+
+
+def mode_free(tree: Any) -> Any:
+    """`tree` with every static mode field (`inference`, `pinned` of treenn's layers)
+    reset to `False`.
+
+    Static fields are part of a pytree's structure. Trees of trainable arrays (what
+    optax sees) are given default modes, so that an optimiser state, and gradients, do
+    not depend on the modes the model was in.
+    """
+    tree = map_stopped(tree, STOP_MODE_BEARING, _default_mode, paths=False)
+    return _default_mode(None, tree) if is_mode_bearing(tree) else tree

@@ -1,0 +1,100 @@
+"""Training and evaluation steps that set modes themselves.
+
+`treenn.train_step` runs the model's unpinned mode-bearing modules in training mode and
+`treenn.eval_step` runs them in evaluation mode, so forgetting `model.eval()` cannot
+happen on this path (PyTorch Lightning does the same). Pins are respected: a BatchNorm
+pinned in eval stays in eval inside a training step. The switch happens while the step
+is traced, so it costs nothing per call, and the model comes back with the modes it went
+in with: only its arrays (parameters and buffers) change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._jit import Donate, jit
+from ._state import run
+from ._status import is_array, is_mark
+from ._transforms import apply_updates, trainable, value_and_grad
+from ._tree import leaves, unflatten
+from .nn._modes import eval_mode, train_mode
+
+
+def _arrays_into(model: Any, updated: Any) -> Any:
+    """`model`'s structure and modes with `updated`'s arrays (and buffers)."""
+    old, treedef = leaves(model)
+    new, _ = leaves(updated)
+    return unflatten(treedef, [n if is_array(n) or is_mark(n) else o for o, n in zip(old, new)])
+
+
+def train_step(
+    loss_fn: Callable[..., Any],
+    tx: Any,
+    *,
+    has_aux: bool = False,
+    donate: Donate = "none",
+) -> Callable[..., Any]:
+    """Build a compiled training step: gradient, optimiser update, state update.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, *args, **kwargs)` returning a scalar loss, or
+        `(loss, aux)` with `has_aux=True`. It may call the model directly: BatchNorm
+        running statistics are collected as by `treenn.apply`.
+    - `tx`: an optax transform; its state is `tx.init(treenn.trainable(model))`.
+    - `has_aux`: whether `loss_fn` returns auxiliary data.
+    - `donate`: as for `treenn.jit` (`"all-except-first"` reuses the optimiser state's
+        buffers).
+
+    **Returns:** `step(model, opt_state, *args, **kwargs) -> (model, opt_state, loss)`, or
+    `(model, opt_state, (loss, aux))`. Inside the step every unpinned mode-bearing module
+    is in training mode; the returned model has the modes the input had.
+
+    !!! Example
+
+        ```python
+        step = treenn.train_step(lambda m, x, y, key: xent(m(x, key=key), y), optax.adam(1e-3))
+        for x, y in batches:
+            model, opt_state, loss = step(model, opt_state, x, y, key)
+        ```
+    """
+
+    def collecting(model: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        out, model = run(lambda m: loss_fn(m, *args, **kwargs), model)
+        loss, aux = out if has_aux else (out, None)
+        return loss, (aux, model)
+
+    grad_fn = value_and_grad(collecting, has_aux=True)
+
+    def step(model: Any, opt_state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        (loss, (aux, updated)), grads = grad_fn(train_mode(model), *args, **kwargs)
+        updates, opt_state = tx.update(grads, opt_state, trainable(updated))
+        updated = apply_updates(updated, updates)
+        return _arrays_into(model, updated), opt_state, ((loss, aux) if has_aux else loss)
+
+    return jit(step, donate=donate)  # type: ignore[no-any-return]
+
+
+def eval_step(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Build a compiled evaluation step: `fn` runs on the model in evaluation mode.
+
+    **Arguments:**
+
+    - `fn`: `fn(model, *args, **kwargs)`, e.g. returning logits or a metric.
+
+    **Returns:** `step(model, *args, **kwargs) -> fn(nn.eval_mode(model), ...)`; pinned
+    modules keep their mode (a dropout pinned in training mode still samples: MC dropout).
+
+    !!! Example
+
+        ```python
+        predict = treenn.eval_step(lambda m, x: jnp.argmax(m(x), -1))
+        labels = predict(model, x)
+        ```
+    """
+
+    def step(model: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(eval_mode(model), *args, **kwargs)
+
+    return jit(step)  # type: ignore[no-any-return]
