@@ -3,7 +3,6 @@ freeze_backbone."""
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -107,7 +107,8 @@ def freeze_backbone(model: T, head: Where) -> T:
     backbone = [path for path in modes(model) if not selection.covers(path)]
     if not backbone:
         return model
-    return eval_mode(model, Selection(head, lambda path: path in backbone), pin=True)
+    outside_head: Any = Selection(head, lambda path: path in backbone)
+    return eval_mode(model, outside_head, pin=True)
 
 
 class _Report:

@@ -73,7 +73,7 @@ def train_step(
         updated = apply_updates(updated, updates)
         return _arrays_into(model, updated), opt_state, ((loss, aux) if has_aux else loss)
 
-    return jit(step, donate=donate)  # type: ignore[no-any-return]
+    return jit(step, donate=donate)
 
 
 def eval_step(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -97,4 +97,4 @@ def eval_step(fn: Callable[..., Any]) -> Callable[..., Any]:
     def step(model: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(eval_mode(model), *args, **kwargs)
 
-    return jit(step)  # type: ignore[no-any-return]
+    return jit(step)

@@ -1,5 +1,6 @@
 """treenn.nn: layers (channels-last, batched, PyTorch parameter names) and modes."""
 
+from ._attention import Attention as Attention, MultiheadAttention as MultiheadAttention
 from ._conv import Conv2d as Conv2d
 from ._dropout import Dropout as Dropout, DropPath as DropPath
 from ._embedding import Embedding as Embedding
