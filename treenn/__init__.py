@@ -1,6 +1,6 @@
 """treenn: Equinox-style immutable pytree modules with tree-surgery mode switching."""
 
-from . import nn as nn
+from . import models as models, nn as nn
 from ._checkpoints import (
     CheckpointError as CheckpointError,
     LoadReport as LoadReport,

@@ -1,0 +1,17 @@
+"""treenn.models: a model zoo with torchvision's and timm's parameter names."""
+
+from ._resnet import (
+    BasicBlock as BasicBlock,
+    Bottleneck as Bottleneck,
+    ResNet as ResNet,
+    resnet18 as resnet18,
+    resnet34 as resnet34,
+    resnet50 as resnet50,
+)
+from ._vit import (
+    Block as Block,
+    PatchEmbed as PatchEmbed,
+    VisionTransformer as VisionTransformer,
+    vit_small as vit_small,
+    vit_tiny as vit_tiny,
+)
