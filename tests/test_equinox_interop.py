@@ -152,9 +152,12 @@ def test_partition_and_combine(net: Net, images: jax.Array) -> None:
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(model)
     assert treenn.trainable(back).head.weight is None
     np.testing.assert_array_equal(np.asarray(back(images)), np.asarray(model(images)))
-    # eqx.partition with treenn's own filter: the trainable arrays only.
+    # treenn.partition's trainable half has default modes (so optimiser states do not
+    # depend on modes): rebuild with treenn.combine; eqx.combine works in default modes.
     train, rest = treenn.partition(model)
-    assert eqx.tree_equal(eqx.combine(train, rest), model)
+    assert eqx.tree_equal(treenn.combine(train, rest), model)
+    train, rest = treenn.partition(nn.train_mode(model))
+    assert eqx.tree_equal(eqx.combine(train, rest), nn.train_mode(model))
 
 
 def test_tree_at_keeps_status(net: Net) -> None:

@@ -3,6 +3,7 @@ torchvision/timm paths, forward shapes, training, and selectors on real models."
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -41,13 +42,16 @@ def test_full_size_parameter_counts_match_the_references(factory, expected):
     assert parameter_count(factory) == expected
 
 
+@functools.cache
 def small_resnet(factory=models.resnet18, **kwargs):
+    # Built once per configuration: models are immutable, tests share them.
     return factory(5, width=4, small_input=True, key=jax.random.key(0), **kwargs)
 
 
+@functools.cache
 def small_vit(**kwargs):
-    options = dict(img_size=8, patch_size=4, depth=2, key=jax.random.key(0))
-    return models.vit_tiny(5, **(options | kwargs))
+    options = dict(img_size=8, patch_size=4, depth=2)
+    return models.vit_tiny(5, key=jax.random.key(0), **(options | kwargs))
 
 
 def test_resnet_paths_follow_torchvision():

@@ -32,6 +32,11 @@ def partition(model: T) -> tuple[Any, Any]:
     else (frozen arrays, buffers, non-array leaves) and `None` where `trainable` has an
     array. `treenn.combine(trainable, rest)` rebuilds the model.
 
+    The modes of treenn's layers are static fields, part of a pytree's structure; in
+    `trainable` they are reset to their defaults, so that an optimiser state made from it
+    (and gradients) fit the model whatever its modes are later. Rebuild with
+    `treenn.combine` (or `eqx.combine` when the model is in default modes).
+
     !!! Example
 
         ```python
