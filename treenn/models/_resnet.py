@@ -13,6 +13,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._module import Module
 from .._tree import replace_fields
 from ..nn._conv import Conv2d
+from ..nn._init import sample
 from ..nn._linear import Linear
 from ..nn._normalization import BatchNorm
 from ..nn._pooling import MaxPool2d
@@ -22,7 +23,7 @@ def _conv(cin: int, cout: int, size: int, stride: int, key: PRNGKeyArray) -> Con
     """A bias-free conv with torchvision's init: kaiming normal, fan_out, relu gain."""
     conv = Conv2d(cin, cout, size, stride=stride, padding=size // 2, bias=False, key=key)
     std = math.sqrt(2.0 / (cout * size * size))
-    weight = std * jax.random.normal(key, conv.weight.shape, conv.weight.dtype)
+    weight = sample("normal", key, conv.weight.shape, conv.weight.dtype, scale=std)
     return _with_weight(conv, weight)
 
 

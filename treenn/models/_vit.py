@@ -13,13 +13,14 @@ from .._tree import replace_fields
 from ..nn._attention import Attention
 from ..nn._conv import Conv2d
 from ..nn._dropout import Dropout, DropPath
+from ..nn._init import sample
 from ..nn._linear import MLP, Linear
 from ..nn._normalization import LayerNorm
 from ..nn._shapes import trailing
 
 
 def _trunc_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float = 0.02) -> jax.Array:
-    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape)
+    return sample("truncated_normal", key, shape, scale=std)
 
 
 def _timm_linear(linear: Linear, key: PRNGKeyArray) -> Linear:
@@ -130,7 +131,7 @@ class VisionTransformer(Module):
         keys = jax.random.split(key, 5)
         self.patch_embed = PatchEmbed(patch_size, in_channels, dim, key=keys[0])
         tokens = (img_size // patch_size) ** 2 + 1
-        self.cls_token = 1e-6 * jax.random.normal(keys[1], (1, 1, dim))
+        self.cls_token = sample("normal", keys[1], (1, 1, dim), scale=1e-6)
         self.pos_embed = _trunc_normal(keys[2], (1, tokens, dim))
         self.pos_drop = Dropout(drop_rate)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]

@@ -20,6 +20,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from .._module import Module
 from ._dropout import Dropout
+from ._init import uniform
 from ._linear import Linear
 from ._shapes import trailing
 
@@ -30,8 +31,7 @@ def _xavier_uniform(key: PRNGKeyArray, shape: tuple[int, int], dtype: Any) -> ja
     """PyTorch's `xavier_uniform_` for a `(fan_out, fan_in)` weight."""
     fan_out, fan_in = shape
     bound = math.sqrt(6.0 / (fan_in + fan_out)) if fan_in + fan_out > 0 else 0.0
-    dtype = jnp.float32 if dtype is None else dtype
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+    return uniform(key, shape, bound, dtype)
 
 
 def _check_prng_key(layer: str, key: Any) -> None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Integer, PRNGKeyArray
 
 from .._module import Module
+from ._init import sample
 
 
 class Embedding(Module):
@@ -74,7 +75,7 @@ class Embedding(Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
-        weight = jax.random.normal(key, (num_embeddings, embedding_dim), dtype)
+        weight = sample("normal", key, (num_embeddings, embedding_dim), dtype)
         if padding_idx is not None:
             weight = weight.at[padding_idx].set(0)
         self.weight = weight
