@@ -1,14 +1,17 @@
 """Functional fine-tuning with treenn, end to end on real data (no download).
 
-scikit-learn's handwritten digits (1,797 real 8x8 images): pretrain a small conv net on
-digits 0-4, save a checkpoint, then fine-tune on digits 5-9 from it, three ways:
+scikit-learn's handwritten digits (1,797 real 8x8 images, shipped with the package):
 
-- linear probe: backbone frozen, its BatchNorm pinned in evaluation mode, new head;
-- BitFit: only biases and the head train;
-- full fine-tuning.
+1. pretrain a small-input ResNet-18 (`treenn.models`) on digits 0-4 and save a checkpoint;
+2. fine-tune it on digits 5-9 with a new head (dropout + linear), four ways, all from the
+   same checkpoint: linear probe (frozen backbone, its BatchNorm pinned in eval), BitFit
+   (biases and head), gradual unfreezing (deepest stage first, optimiser moments carried
+   across stages) and full fine-tuning; the probe also runs on a random backbone;
+3. MC dropout on the fine-tuned model (BatchNorm in eval, dropout on): predictive entropy
+   of correct vs wrong predictions.
 
-The probe is also run on a randomly initialised backbone, to show what pretraining buys.
-Prints a table of test accuracy, trainable parameters and time.
+Prints a table (test accuracy, trainable parameters, time) and writes a PNG with the
+learning curves and the uncertainty histogram.
 
     python examples/finetune.py [--steps 300] [--seed 0] [--out runs/finetune] [--quick]
 """
@@ -24,6 +27,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -33,37 +37,14 @@ from tqdm import tqdm
 
 import treenn
 import treenn.nn as nn
+from treenn.models import ResNet, resnet18
 
-
-class ConvNet(treenn.Module):
-    """conv-bn-relu x2, global average pooling, dropout, linear head."""
-
-    conv1: nn.Conv2d
-    bn1: nn.BatchNorm
-    conv2: nn.Conv2d
-    bn2: nn.BatchNorm
-    dropout: nn.Dropout
-    head: nn.Linear
-
-    def __init__(self, num_classes: int, *, key: PRNGKeyArray):
-        k1, k2, k3 = jax.random.split(key, 3)
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1, key=k1)
-        self.bn1 = nn.BatchNorm(32)
-        self.conv2 = nn.Conv2d(32, 64, 3, stride=2, padding=1, key=k2)
-        self.bn2 = nn.BatchNorm(64)
-        self.dropout = nn.Dropout(0.2)
-        self.head = nn.Linear(64, num_classes, key=k3)
-
-    def __call__(
-        self, x: Float[Array, "batch 8 8 1"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "batch classes"]:
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = jax.nn.relu(self.bn2(self.conv2(x)))
-        x = self.dropout(jnp.mean(x, axis=(1, 2)), key=key)
-        return self.head(x)
-
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 Data = tuple[np.ndarray, np.ndarray]
+WIDTH = 16  # ResNet-18 with 16-64-128-... channels: small images, small model
+BATCH = 64
 
 
 def digits(classes: range, seed: int) -> tuple[Data, Data]:
@@ -78,113 +59,215 @@ def digits(classes: range, seed: int) -> tuple[Data, Data]:
     return (x_train, y_train), (x_test, y_test)
 
 
-def loss_fn(
-    model: ConvNet, x: Float[Array, "batch 8 8 1"], y: Int[Array, " batch"], key: PRNGKeyArray
-) -> tuple[Array, ConvNet]:
-    logits, model = treenn.apply(model, x, key=key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), model
+def xent(
+    model: ResNet, x: Float[Array, "b 8 8 1"], y: Int[Array, " b"], key: PRNGKeyArray
+) -> Array:
+    # treenn.train_step runs the model in training mode and collects BatchNorm
+    # statistics itself: the loss just calls the model.
+    return optax.softmax_cross_entropy_with_integer_labels(model(x, key=key), y).mean()
 
 
 def train(
-    model: ConvNet, data: Data, *, steps: int, lr: float, seed: int, desc: str
-) -> tuple[ConvNet, list[float]]:
-    tx = optax.adam(lr)
-    opt_state = tx.init(treenn.trainable(model))
-
-    @treenn.jit
-    def step(model: ConvNet, opt_state: Any, x: Array, y: Array, key: PRNGKeyArray) -> Any:
-        (loss, model), grads = treenn.value_and_grad(loss_fn, has_aux=True)(model, x, y, key)
-        updates, opt_state = tx.update(grads, opt_state, treenn.trainable(model))
-        return treenn.apply_updates(model, updates), opt_state, loss
-
-    model = nn.train_mode(model)  # pinned modules (a frozen backbone's BN) stay in eval
+    model: ResNet,
+    data: Data,
+    steps: int,
+    desc: str,
+    seed: int,
+    tx: Any = None,
+    opt_state: Any = None,
+) -> tuple[ResNet, Any, list[float]]:
+    """`steps` Adam steps; returns the model, the optimiser state and the losses."""
+    tx = tx or optax.adam(3e-3)
+    opt_state = tx.init(treenn.trainable(model)) if opt_state is None else opt_state
+    step = treenn.train_step(xent, tx)
     x, y = data
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     losses = []
     for i in tqdm(range(steps), desc=desc, leave=False):
-        batch = rng.choice(len(x), size=64, replace=False)
+        batch = rng.choice(len(x), size=BATCH, replace=False)
         model, opt_state, loss = step(
             model, opt_state, x[batch], y[batch], jax.random.fold_in(key, i)
         )
         losses.append(loss)
-    return model, [float(v) for v in losses]
+    return model, opt_state, [float(v) for v in losses]
 
 
-def accuracy(model: ConvNet, data: Data) -> float:
-    predict = treenn.jit(lambda m, x: jnp.argmax(m(x), axis=-1))
+predict = treenn.eval_step(lambda model, x: jnp.argmax(model(x), axis=-1))
+
+
+def accuracy(model: ResNet, data: Data) -> float:
     x, y = data
-    return float(np.mean(np.asarray(predict(nn.eval_mode(model), x)) == y))
+    return float(np.mean(np.asarray(predict(model, x)) == y))
 
 
-def with_new_head(model: ConvNet, num_classes: int, key: PRNGKeyArray) -> ConvNet:
-    return eqx.tree_at(lambda m: m.head, model, nn.Linear(64, num_classes, key=key))
+def new_head(model: ResNet, key: PRNGKeyArray) -> ResNet:
+    """Replace the 0-4 head by a fresh one for 5-9, with dropout for MC dropout."""
+    head = nn.Sequential(nn.Dropout(0.2), nn.Linear(model.fc.in_features, 5, key=key))
+    return eqx.tree_at(lambda m: m.fc, model, head)
 
 
-def count(model: ConvNet) -> int:
+def count(model: ResNet) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(treenn.trainable(model)))
+
+
+def gradual(model: ResNet, data: Data, steps: int, seed: int) -> tuple[ResNet, Any, list[float]]:
+    """Head first, then one stage more per phase, deepest first; the optimiser moments
+    of arrays that stay trainable are carried across phases."""
+    phases: list[tuple[str, Callable[[ResNet], Any]]] = [
+        ("head", lambda m: m.fc),
+        ("layer4", lambda m: m.layer4),
+        ("layer3", lambda m: m.layer3),
+        ("layer2", lambda m: m.layer2),
+        ("layer1 + stem", lambda m: (m.layer1, m.conv1, m.bn1)),
+    ]
+    tx = optax.adam(3e-3)
+    model = treenn.freeze_backbone(model, "fc")
+    opt_state, losses = None, []
+    for i, (name, stage) in enumerate(phases):
+        if i > 0:  # the stage trains, and its BatchNorm leaves the pinned eval mode
+            model = nn.unpin(treenn.unfreeze(model, stage), stage)
+            opt_state = treenn.migrate_opt_state(tx, opt_state, model)
+        model, opt_state, phase_losses = train(
+            model, data, steps // len(phases), f"gradual: {name}", seed + i, tx, opt_state
+        )
+        losses += phase_losses
+    return model, opt_state, losses
+
+
+def backbone_unchanged(model: ResNet, reference: ResNet) -> bool:
+    """Bit-identical backbone arrays (parameters and BatchNorm statistics)."""
+    backbone = lambda m: jax.tree_util.tree_leaves(eqx.tree_at(lambda m: m.fc, m, None))  # noqa: E731
+    return all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(backbone(model), backbone(reference), strict=True)
+    )
+
+
+def mc_dropout_entropy(
+    model: ResNet, data: Data, samples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predictive entropy and correctness under MC dropout: BatchNorm in eval, the
+    head's dropout pinned in training mode."""
+    mc = nn.train_mode(nn.eval_mode(model), nn.Dropout, pin=True)
+    probs = treenn.eval_step(lambda m, x, k: jax.nn.softmax(m(x, key=k), axis=-1))
+    x, y = data
+    mean = np.mean(
+        [np.asarray(probs(mc, x, jax.random.key(seed + s))) for s in range(samples)], axis=0
+    )
+    entropy = -np.sum(mean * np.log(mean + 1e-12), axis=-1)
+    return entropy, mean.argmax(-1) == y
+
+
+def plot(
+    curves: dict[str, list[float]], entropy: np.ndarray, correct: np.ndarray, path: str
+) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, losses in curves.items():
+        smooth = np.convolve(losses, np.ones(10) / 10, mode="valid") if len(losses) > 10 else losses
+        ax1.plot(smooth, label=name)
+    ax1.set(title="fine-tuning on digits 5-9", xlabel="step", ylabel="training loss", yscale="log")
+    ax1.legend()
+    bins = np.linspace(0, max(float(entropy.max()), 1e-3), 25)
+    ax2.hist(
+        entropy[correct], bins=bins, alpha=0.7, label=f"correct ({correct.sum()})", density=True
+    )
+    ax2.hist(
+        entropy[~correct], bins=bins, alpha=0.7, label=f"wrong ({(~correct).sum()})", density=True
+    )
+    ax2.set(title="MC dropout: predictive entropy", xlabel="entropy (nats)", ylabel="density")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=300, help="steps per fine-tuning run")
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--mc-samples", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/finetune", help="output folder")
-    parser.add_argument("--quick", action="store_true", help="a few steps, for CI")
+    parser.add_argument("--quick", action="store_true", help="a few steps of each, for CI")
     args = parser.parse_args()
-    steps = 30 if args.quick else args.steps
+    if args.quick:
+        args.steps, args.pretrain_steps, args.mc_samples = 25, 40, 4
     os.makedirs(args.out, exist_ok=True)
-    key = jax.random.key(args.seed)
-    k_model, k_head, k_random = jax.random.split(key, 3)
-
+    k_model, k_head, k_random = jax.random.split(jax.random.key(args.seed), 3)
     old_train, old_test = digits(range(0, 5), args.seed)
     new_train, new_test = digits(range(5, 10), args.seed)
 
+    def build(key: PRNGKeyArray) -> ResNet:
+        return resnet18(5, in_channels=1, width=WIDTH, small_input=True, key=key)
+
     start = time.perf_counter()
-    pretrained, _ = train(
-        ConvNet(5, key=k_model),
-        old_train,
-        steps=steps,
-        lr=3e-3,
-        seed=args.seed,
-        desc="pretrain 0-4",
-    )
-    print(
-        f"pretrained on digits 0-4: test accuracy {accuracy(pretrained, old_test):.3f} "
-        f"({time.perf_counter() - start:.1f}s)"
+    pretrained, _, _ = train(
+        build(k_model), old_train, args.pretrain_steps, "pretrain 0-4", args.seed
     )
     checkpoint = os.path.join(args.out, "pretrained.safetensors")
     treenn.save(checkpoint, pretrained)
+    print(
+        f"pretrained ResNet-18 on digits 0-4: test accuracy {accuracy(pretrained, old_test):.3f} "
+        f"({time.perf_counter() - start:.0f}s), saved to {checkpoint}"
+    )
 
-    def from_checkpoint() -> ConvNet:
-        like = ConvNet(5, key=k_random)
-        return with_new_head(treenn.load(checkpoint, like), 5, k_head)
+    loaded, report = treenn.load_pretrained(checkpoint, new_head(build(k_random), k_head))
+    print(
+        f"loaded {len(report.loaded)} arrays; new: {report.missing}; not used: {report.unexpected}"
+    )
+    random_backbone = new_head(build(k_random), k_head)
 
-    recipes: dict[str, Callable[[], ConvNet]] = {
-        "linear probe (random backbone)": lambda: frozen_backbone(
-            with_new_head(ConvNet(5, key=k_random), 5, k_head)
+    recipes: dict[str, Callable[[], tuple[ResNet, Any, list[float]]]] = {
+        "linear probe (random backbone)": lambda: train(
+            treenn.freeze_backbone(random_backbone, "fc"),
+            new_train,
+            args.steps,
+            "probe, random",
+            args.seed,
         ),
-        "linear probe": lambda: frozen_backbone(from_checkpoint()),
-        "BitFit": lambda: treenn.unfreeze(
-            treenn.unfreeze(treenn.freeze(from_checkpoint()), "**.bias"), "head"
+        "linear probe": lambda: train(
+            treenn.freeze_backbone(loaded, "fc"), new_train, args.steps, "probe", args.seed
         ),
-        "full fine-tuning": from_checkpoint,
+        "BitFit": lambda: train(
+            treenn.unfreeze(treenn.unfreeze(treenn.freeze(loaded), "**.bias"), "fc"),
+            new_train,
+            args.steps,
+            "BitFit",
+            args.seed,
+        ),
+        "gradual unfreezing": lambda: gradual(loaded, new_train, args.steps, args.seed),
+        "full fine-tuning": lambda: train(loaded, new_train, args.steps, "full", args.seed),
     }
-    print(f"\nfine-tuning on digits 5-9, {steps} steps each")
-    print(f"{'recipe':32} {'test acc':>8} {'trainable':>10} {'time':>7}")
-    for name, make in recipes.items():
+    print(f"\nfine-tuning on digits 5-9 ({args.steps} steps each)")
+    print(f"| {'recipe':30} | test acc | trainable | time |")
+    print(f"|{'-' * 32}|---------:|----------:|-----:|")
+    curves: dict[str, list[float]] = {}
+    results: dict[str, ResNet] = {}
+    for name, run in recipes.items():
         start = time.perf_counter()
-        model, _ = train(make(), new_train, steps=steps, lr=3e-3, seed=args.seed, desc=name)
+        model, _, losses = run()
+        elapsed = time.perf_counter() - start
+        curves[name], results[name] = losses, model
         print(
-            f"{name:32} {accuracy(model, new_test):8.3f} {count(model):10,d} "
-            f"{time.perf_counter() - start:6.1f}s"
+            f"| {name:30} | {accuracy(model, new_test):8.3f} | {count(model):9,d} | "
+            f"{elapsed:3.0f}s |"
         )
+    same = backbone_unchanged(results["linear probe"], loaded)
+    print(f"\nlinear probe: backbone bit-identical to the checkpoint's: {'yes' if same else 'NO'}")
 
-
-def frozen_backbone(model: ConvNet) -> ConvNet:
-    """Everything but the head frozen, the backbone's BatchNorm pinned in eval mode."""
-    model = treenn.freeze(model, lambda m: (m.conv1, m.bn1, m.conv2, m.bn2))
-    return nn.eval_mode(model, nn.BatchNorm, pin=True)
+    entropy, correct = mc_dropout_entropy(
+        results["full fine-tuning"], new_test, args.mc_samples, args.seed
+    )
+    wrong = entropy[~correct]
+    print(
+        f"MC dropout ({args.mc_samples} samples, full fine-tuning): mean predictive entropy "
+        f"{entropy[correct].mean():.3f} on {correct.sum()} correct, "
+        f"{wrong.mean() if wrong.size else float('nan'):.3f} on {wrong.size} wrong predictions"
+    )
+    figure = os.path.join(args.out, "finetune.png")
+    plot(curves, entropy, correct, figure)
+    print(f"figure: {figure}")
 
 
 if __name__ == "__main__":

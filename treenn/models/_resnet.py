@@ -177,7 +177,7 @@ class ResNet(Module):
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x)
-        return self.fc(jnp.mean(x, axis=(-3, -2)))
+        return self.fc(jnp.mean(x, axis=(-3, -2)), key=key)
 
 
 def resnet18(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> ResNet:
