@@ -31,3 +31,17 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     assert nn.modes(model)["backbone.layers.1"] is True  # pinned eval survived train_mode-free step
     assert (tmp_path / "model.safetensors").exists()
     assert "frozen" in treenn.summary(model)
+
+
+def test_fine_tuning_in_20_lines_runs(tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    snippet = next(b for b in blocks if "treenn.freeze_backbone" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with jax.numpy_dtype_promotion("standard"):
+        exec(compile(snippet.replace("range(100)", "range(3)"), "README.md", "exec"), namespace)
+    report, model = namespace["report"], namespace["model"]
+    assert len(report.loaded) > 0 and report.missing == []
+    assert "accuracy" in capsys.readouterr().out
+    trainable = treenn.trainable(model)
+    assert trainable.layer4[0].conv1.weight is not None and trainable.layer1[0].conv1.weight is None
