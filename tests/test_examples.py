@@ -19,7 +19,7 @@ def test_finetune_quick(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    rows = dict(re.findall(r"^\| ([a-zA-Z ()]+?)\s+\|\s+([0-9.]+) \|", out, re.M))
+    rows = dict(re.findall(r"^\| ([a-zA-Z ()-]+?)\s+\|\s+([0-9.]+) \|", out, re.M))
     assert set(RECIPES) <= set(rows), out
     # Five classes: chance is 0.2; even a few steps of each recipe do better.
     assert all(float(rows[name]) > 0.3 for name in RECIPES), out

@@ -300,3 +300,23 @@ def test_embedding_errors() -> None:
     params = inspect.signature(embed).parameters
     assert next(iter(params)) == "ids"
     assert params["key"].kind is inspect.Parameter.KEYWORD_ONLY and params["key"].default is None
+
+
+# -- Linear ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_linear_matches_torch(bias: bool, batch: tuple[int, ...]) -> None:
+    layer = nn.Linear(5, 4, bias=bias, key=jax.random.key(3))
+    ref = torch.nn.Linear(5, 4, bias=bias)
+    with torch.no_grad():
+        ref.weight.copy_(to_torch(layer.weight))
+        if bias:
+            ref.bias.copy_(to_torch(layer.bias))
+    x = rand((*batch, 5))
+    close(call(layer, x), ref(to_torch(x)))
+    # PyTorch's default init: both U(±1/sqrt(in_features)), like torch's own draw.
+    bound = 1 / math.sqrt(5)
+    assert float(jnp.abs(layer.weight).max()) <= bound
+    assert abs(float(jnp.abs(layer.weight).max()) - float(ref.weight.detach().abs().max())) < bound / 2
