@@ -319,4 +319,6 @@ def test_linear_matches_torch(bias: bool, batch: tuple[int, ...]) -> None:
     # PyTorch's default init: both U(±1/sqrt(in_features)), like torch's own draw.
     bound = 1 / math.sqrt(5)
     assert float(jnp.abs(layer.weight).max()) <= bound
-    assert abs(float(jnp.abs(layer.weight).max()) - float(ref.weight.detach().abs().max())) < bound / 2
+    assert (
+        abs(float(jnp.abs(layer.weight).max()) - float(ref.weight.detach().abs().max())) < bound / 2
+    )
