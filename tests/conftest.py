@@ -1,21 +1,34 @@
 """Shared fixtures. The suite runs strict, as Equinox's does: rank promotion raises,
 dtype promotion is strict, warnings are errors (pyproject.toml), and `treenn` is checked
-at runtime by jaxtyping + beartype (`--jaxtyping-packages`, pyproject.toml)."""
+at runtime by jaxtyping + beartype (settings in typecheck.ini, installed below)."""
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import pytest
+import jaxtyping
 
-import treenn
-import treenn.nn as nn
-from treenn._status import status_of
-from treenn._tree import dotted, flatten
+# Runtime type checking of treenn, configured in typecheck.ini ([runtime]); installed
+# before treenn is first imported, so that every function in it is checked.
+_RUNTIME = configparser.ConfigParser()
+_RUNTIME.read(Path(__file__).resolve().parents[1] / "typecheck.ini")
+_HOOK = jaxtyping.install_import_hook(
+    [p.strip() for p in _RUNTIME["runtime"]["packages"].split(",")],
+    _RUNTIME["runtime"]["typechecker"],
+)
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+import treenn  # noqa: E402
+import treenn.nn as nn  # noqa: E402
+from treenn._status import status_of  # noqa: E402
+from treenn._tree import dotted, flatten  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")

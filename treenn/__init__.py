@@ -28,5 +28,6 @@ from ._transforms import (
     trainable as trainable,
     value_and_grad as value_and_grad,
 )
+from ._typing import typechecked as typechecked
 
 __version__ = "0.1.0"
