@@ -1,0 +1,222 @@
+"""Property-based tests over randomly generated module trees (nested treenn modules,
+tuples, lists, dicts, None fields, Equinox layers mixed in) and random selectors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import treenn
+import treenn.nn as nn
+from treenn._summary import rows
+from treenn._tree import dotted, flatten
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Node(treenn.Module):
+    """A container with every kind of field a model may have."""
+
+    items: tuple[Any, ...]
+    named: dict[str, Any]
+    listed: list[Any]
+    maybe: Any
+
+
+LEAVES = ["linear", "dropout", "batchnorm", "eqx_dropout", "eqx_linear"]
+
+
+@st.composite
+def specs(draw: Any, depth: int = 0) -> Any:
+    """A description of a random model (built outside the strategy: hypothesis wants
+    strategies free of other randomness)."""
+    if depth >= 2 or draw(st.integers(0, 3)) == 0:
+        return ("leaf", draw(st.sampled_from(LEAVES)), draw(st.integers(1, 3)), draw(st.booleans()))
+    child = specs(depth + 1)
+    return (
+        "node",
+        tuple(draw(st.lists(child, max_size=2))),
+        {k: draw(child) for k in draw(st.lists(st.sampled_from("ab"), unique=True))},
+        draw(st.lists(child, max_size=1)),
+        draw(st.one_of(st.none(), child)),
+    )
+
+
+def build(spec: Any, key: jax.Array | None = None) -> Any:
+    if spec is None:
+        return None
+    key = jax.random.key(0) if key is None else key
+    if spec[0] == "leaf":
+        _, kind, size, flag = spec
+        if kind == "linear":
+            return nn.Linear(2, size, bias=flag, key=key)
+        if kind == "dropout":
+            return nn.Dropout(0.5, inference=flag)
+        if kind == "batchnorm":
+            return nn.BatchNorm(size, inference=flag)
+        if kind == "eqx_dropout":
+            return eqx.nn.Dropout(0.5, inference=flag)
+        return eqx.nn.Linear(2, size, key=key)
+    _, items, named, listed, maybe = spec
+    keys = iter(jax.random.split(key, 8))
+    return Node(
+        items=tuple(build(s, next(keys)) for s in items),
+        named={k: build(s, next(keys)) for k, s in named.items()},
+        listed=[build(s, next(keys)) for s in listed],
+        maybe=build(maybe, next(keys)),
+    )
+
+
+def array_paths(model: Any) -> list[str]:
+    paths, leaves, _ = flatten(model, keep_marks=False)
+    return [dotted(p) for p, x in zip(paths, leaves) if isinstance(x, jax.Array)]
+
+
+@st.composite
+def _selectors(draw: Any, paths: list[str]) -> Any:
+    kind = draw(st.sampled_from(["none", "path", "prefix", "glob", "class"]))
+    if kind == "none" or not paths:
+        return None
+    path = draw(st.sampled_from(paths))
+    if kind == "path":
+        return path
+    if kind == "prefix":
+        return path.rsplit(".", 1)[0] if "." in path else path
+    if kind == "glob":
+        return "**." + path.rsplit(".", 1)[-1] if "." in path else "**"
+    return draw(st.sampled_from([nn.Linear, nn.BatchNorm, nn.Dropout, Node]))
+
+
+def selectors(model: Any) -> Any:
+    """Random selectors for `model` (paths computed here, outside the strategy)."""
+    return _selectors([p for p in array_paths(model) + list(nn.modes(model)) if p])
+
+
+def same(a: Any, b: Any) -> bool:
+    return bool(eqx.tree_equal(a, b)) and jax.tree_util.tree_structure(
+        a
+    ) == jax.tree_util.tree_structure(b)
+
+
+def try_(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The result, or None when the selector selects nothing the helper acts on."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as err:
+        assert "matches no" in str(err)
+        return None
+
+
+@SETTINGS
+@given(st.data())
+def test_modes_switches_are_idempotent_and_functional(data: Any) -> None:
+    model = build(data.draw(specs()))
+    where = data.draw(selectors(model))
+    before = nn.modes(model)
+    once = try_(nn.eval_mode, model, where)
+    assert nn.modes(model) == before  # the old model is untouched
+    if once is None:
+        return
+    assert same(nn.eval_mode(once, where), once)
+    switched = nn.modes(once)
+    assert all(switched[p] for p in switched if p not in before or switched[p] != before[p])
+    assert same(nn.train_mode(nn.train_mode(once)), nn.train_mode(once))
+    assert not any(nn.modes(nn.train_mode(once)).values())
+
+
+@SETTINGS
+@given(st.data())
+def test_pins_survive_whole_model_switches(data: Any) -> None:
+    model = build(data.draw(specs()))
+    treenn_mb = [
+        p for p in nn.modes(model) if p and isinstance(_at(model, p), (nn.Dropout, nn.BatchNorm))
+    ]
+    if not treenn_mb:
+        return
+    path = data.draw(st.sampled_from(treenn_mb))
+    pinned = nn.eval_mode(model, path, pin=True)
+    for switch in (nn.train_mode, nn.eval_mode, nn.train_mode):
+        pinned = switch(pinned)
+        assert nn.modes(pinned)[path] is True
+        assert nn.pinned(pinned)[path] is True
+    assert nn.pinned(nn.unpin(pinned))[path] is False
+    assert nn.modes(nn.unpin(pinned))[path] is True
+
+
+def _at(model: Any, path: str) -> Any:
+    node = model
+    for part in path.split("."):
+        if isinstance(node, dict):
+            node = node[part]
+        elif isinstance(node, (tuple, list)):
+            node = node[int(part)]
+        else:
+            node = getattr(node, part)
+    return node
+
+
+@SETTINGS
+@given(st.data())
+def test_freeze_and_unfreeze_are_inverse_on_their_selection(data: Any) -> None:
+    model = build(data.draw(specs()))
+    where = data.draw(selectors(model))
+    frozen = try_(treenn.freeze, model, where)
+    if frozen is None:
+        return
+    assert same(treenn.unfreeze(frozen, where), model)
+    assert same(treenn.freeze(frozen, where), frozen)
+    n_trainable = len(jax.tree_util.tree_leaves(treenn.trainable(frozen)))
+    assert n_trainable <= len(jax.tree_util.tree_leaves(treenn.trainable(model)))
+
+
+@SETTINGS
+@given(st.data())
+def test_partition_combine_round_trip(data: Any) -> None:
+    model = build(data.draw(specs()))
+    where = data.draw(selectors(model))
+    model = try_(treenn.freeze, model, where) or model
+    model = nn.eval_mode(model)
+    assert same(treenn.combine(*treenn.partition(model)), model)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_save_load_round_trip_is_bit_exact(data: Any, tmp_path_factory: Any) -> None:
+    model = build(data.draw(specs()))
+    where = data.draw(selectors(model))
+    model = try_(treenn.freeze, model, where) or model
+    model = try_(nn.eval_mode, model, where) or model
+    path = tmp_path_factory.mktemp("ckpt") / "m.safetensors"
+    treenn.save(path, model)
+    like = nn.train_mode(treenn.unfreeze(model))
+    loaded = treenn.load(path, like)
+    assert same(loaded, model)
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(model)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+@SETTINGS
+@given(st.data())
+def test_summary_totals_equal_the_sums_of_their_rows(data: Any) -> None:
+    model = build(data.draw(specs()))
+    model = try_(treenn.freeze, model, data.draw(selectors(model))) or model
+    table = rows(model)
+    text = treenn.summary(model)
+    for status in ("trainable", "frozen", "buffer"):
+        params = sum(r[4] for r in table if r[5] == status)
+        assert f"{status}: {params:,} params" in text
+    arrays = [x for x in jax.tree_util.tree_leaves(model) if isinstance(x, jax.Array)]
+    assert sum(r[4] for r in table) == sum(int(np.prod(x.shape)) for x in arrays)
+
+
+@SETTINGS
+@given(st.data())
+def test_modes_agrees_with_the_fields(data: Any) -> None:
+    model = build(data.draw(specs()))
+    for path, inference in nn.modes(model).items():
+        node = _at(model, path) if path else model
+        assert bool(node.inference) is inference
