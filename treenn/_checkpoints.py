@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from ._selectors import few
 from ._status import ARRAY_TYPES, MARK_TYPES, Buffer, Frozen, Status, status_of
 from ._tree import (
     dotted,
@@ -358,7 +359,7 @@ def load_pretrained(
     if not loaded:
         raise CheckpointError(
             f"load_pretrained({os.fspath(path)!r}): no array of the file matches the model "
-            f"by path; file: {_few(sorted(arrays))}; model: {_few(missing)}"
+            f"by path; file: {few(sorted(arrays))}; model: {few(missing)}"
         )
     unexpected = sorted(arrays.keys() - set(loaded) - set(skipped))
     return unflatten(treedef, new), LoadReport(loaded, missing, unexpected, skipped)
@@ -414,9 +415,9 @@ def _check_arrays(
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"missing from the file: {_few(missing)}")
+            parts.append(f"missing from the file: {few(missing)}")
         if unexpected:
-            parts.append(f"not in the model: {_few(unexpected)}")
+            parts.append(f"not in the model: {few(unexpected)}")
         if wrong:
             parts.append(
                 "shape/dtype mismatch: "
@@ -431,12 +432,6 @@ def _check_arrays(
 def _is_key(leaf: Any) -> bool:
     array = leaf.value if type(leaf) in MARK_TYPES else leaf
     return isinstance(array, jax.Array) and jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
-
-
-def _few(names: list[str]) -> str:
-    return ", ".join(repr(n) for n in names[:8]) + (
-        f" (+{len(names) - 8} more)" if len(names) > 8 else ""
-    )
 
 
 def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]) -> Any:
@@ -469,8 +464,8 @@ def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]
             + "; ".join(
                 part
                 for part in (
-                    f"in the file only: {_few(extra)}" if extra else "",
-                    f"in the model only: {_few(lacking)}" if lacking else "",
+                    f"in the file only: {few(extra)}" if extra else "",
+                    f"in the model only: {few(lacking)}" if lacking else "",
                 )
                 if part
             )

@@ -107,9 +107,7 @@ class _Jit:
         if hit is not None and hit[0] is x:
             remember[id(x)] = hit
             return hit[1], hit[2]
-        leaves, treedef = jtu.tree_flatten(x)
-        dynamic = [leaf for leaf in leaves if is_array(leaf)]
-        statics = tuple(_DYNAMIC if is_array(leaf) else leaf for leaf in leaves)
+        treedef, statics, dynamic = _split_leaves(x)
         sid = self._structure_id(treedef, statics)
         structure = self._structures[sid]
         if (
@@ -212,12 +210,12 @@ class _Jit:
         """The output's structure (its non-array leaves need not be hashable), and for a
         tuple output the structure of each element, with a structure id when the element
         (a model, an optimiser state) can be recognised when passed back."""
-        structure = _Structure(*_split_leaves(out))
+        structure = _Structure(*_split_leaves(out)[:2])
         if type(out) is not tuple:
             return structure, None
         parts = []
         for element in out:
-            e_treedef, e_statics = _split_leaves(element)
+            e_treedef, e_statics, _ = _split_leaves(element)
             part = _Structure(e_treedef, e_statics)
             sid = None
             if part.immutable and all(_hashable(x) for x in e_statics):
@@ -247,9 +245,11 @@ def _arrays(tree: Any) -> list[Any]:
     return [x for x in jtu.tree_leaves(tree) if is_array(x)]
 
 
-def _split_leaves(tree: Any) -> tuple[Any, tuple[Any, ...]]:
+def _split_leaves(tree: Any) -> tuple[Any, tuple[Any, ...], list[Any]]:
+    """`(treedef, statics, arrays)`: the structure key of `tree` and its array leaves."""
     leaves, treedef = jtu.tree_flatten(tree)
-    return treedef, tuple(_DYNAMIC if is_array(x) else x for x in leaves)
+    statics = tuple(_DYNAMIC if is_array(x) else x for x in leaves)
+    return treedef, statics, [x for x in leaves if is_array(x)]
 
 
 def _same(a: tuple[_Structure, Any], b: tuple[_Structure, Any]) -> bool:

@@ -6,12 +6,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ._transforms import structure_mismatch, trainable
+from ._transforms import _is_none, structure_mismatch, trainable
 from ._tree import dotted, flatten, unflatten
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def migrate_opt_state(tx: Any, opt_state: Any, model: Any) -> Any:

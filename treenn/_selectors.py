@@ -190,6 +190,12 @@ def select(where: Any, tree: Any) -> Selection | None:
     )
 
 
+def few(names: Sequence[str], limit: int = 8) -> str:
+    """`names` quoted for an error message, at most `limit` of them."""
+    shown = ", ".join(repr(n) for n in list(names)[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
 def no_match(where: Any, kind: str, candidates: Sequence[str]) -> ValueError:
     """The error for an explicit selector that selects nothing a helper acts on."""
     shown = ", ".join(repr(c) for c in list(candidates)[:6])

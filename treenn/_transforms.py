@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import jax
 import jax.tree_util as jtu
 
+from ._selectors import few
 from ._status import ARRAY_TYPES, Status, status_of
 from ._tree import dotted, flatten, leaves, modules, state_of, static_fields
 from .nn._modes import mode_free
@@ -112,9 +113,9 @@ def structure_mismatch(a: Any, b: Any, a_name: str, b_name: str) -> str:
     if only_a or only_b:
         parts = []
         if only_a:
-            parts.append(f"paths only in {a_name}: {_few(only_a)}")
+            parts.append(f"paths only in {a_name}: {few(only_a, 5)}")
         if only_b:
-            parts.append(f"paths only in {b_name}: {_few(only_b)}")
+            parts.append(f"paths only in {b_name}: {few(only_b, 5)}")
         return "structures differ; " + "; ".join(parts)
     return _first_static_difference(a, b, a_name, b_name)
 
@@ -131,11 +132,6 @@ def _first_static_difference(a: Any, b: Any, a_name: str, b_name: str) -> str:
             if va is not vb and va != vb:
                 return f"at {where}: {name} is {va!r} in {a_name}, {vb!r} in {b_name}"
     return f"{a_name} and {b_name} have the same paths but different node types"
-
-
-def _few(names: list[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:5])
-    return shown + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
 def apply_updates(model: T, updates: Any) -> T:
