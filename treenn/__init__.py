@@ -17,9 +17,11 @@ from ._jit import jit as jit
 from ._module import Module as Module
 from ._optimizers import migrate_opt_state as migrate_opt_state
 from ._selectors import Where as Where
+from ._sharding import shard as shard
 from ._state import apply as apply
 from ._steps import eval_step as eval_step, train_step as train_step
 from ._summary import summary as summary
+from ._torch import load_torch as load_torch
 from ._transforms import (
     apply_updates as apply_updates,
     combine as combine,
