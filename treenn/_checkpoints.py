@@ -240,7 +240,8 @@ def load(path: PathLike, like: T) -> T:
 
     - `path`: the checkpoint file.
     - `like`: a model with the structure to fill (e.g. freshly initialised); the file
-        gives the arrays, frozen status, modes and pins.
+        gives the arrays, frozen status, modes and pins. Where `like` is sharded
+        (`treenn.shard`), each loaded array gets the sharding of `like`'s.
 
     **Returns:** the loaded model. Raises `CheckpointError` (a `ValueError`) naming the
     offending paths when the file's arrays, shapes, dtypes or mode-bearing modules do not
@@ -269,6 +270,12 @@ def load(path: PathLike, like: T) -> T:
         value: Any = np.array(stored) if _is_numpy(leaf) else jnp.asarray(stored)
         if name in keys:
             value = jax.random.wrap_key_data(value, impl=keys[name])
+        like_array = leaf.value if type(leaf) in MARK_TYPES else leaf
+        if isinstance(like_array, jax.Array) and not isinstance(
+            like_array.sharding, jax.sharding.SingleDeviceSharding
+        ):
+            # A sharded `like` (`treenn.shard`): each array goes where `like`'s is.
+            value = jax.device_put(value, like_array.sharding)
         if type(leaf) is Buffer:
             value = Buffer(value)
         elif frozen is None:

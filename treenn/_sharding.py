@@ -1,9 +1,256 @@
-"""Sharding rules in the `where=` language: `treenn.shard`."""
+"""Sharding rules in the `where=` language: `treenn.shard`.
+
+Placement is JAX's own: each array is `jax.device_put` onto a `NamedSharding(mesh,
+spec)`, and a step compiled by `treenn.jit` / `treenn.train_step` then runs as one SPMD
+program over the mesh, with XLA inserting the collectives (the all-reduce of data-parallel
+gradients and of BatchNorm's batch statistics, the all-gathers of fully-sharded
+parameters). Nothing here runs per step.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias, TypeVar
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ._selectors import Selection, describe, few, select
+from ._status import ARRAY_TYPES, MARK_TYPES
+from ._tree import STOP_MODULE, dotted, flatten, is_module, no_gc, unflatten
+
+T = TypeVar("T")
+Rules: TypeAlias = "PartitionSpec | Mapping[Any, Any] | None"
 
 
-def shard(model: Any, mesh: Any, rules: Any) -> Any:
-    raise NotImplementedError("treenn.shard is being written (issue 8)")
+class _Rule:
+    """One `where -> spec` rule, resolved against the tree being placed."""
+
+    __slots__ = ("where", "spec", "selection", "used")
+
+    def __init__(self, where: Any, spec: PartitionSpec, tree: Any):
+        self.where = where
+        self.spec = spec
+        self.selection: Selection | None = select(where, tree)
+        self.used: list[str] = []
+
+    def covers(self, path: str) -> bool:
+        return self.selection is None or self.selection.covers(path)
+
+    @property
+    def name(self) -> str:
+        return _rule_name(self.where)
+
+
+@no_gc()
+def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
+    """Place every array of a model (or optimiser state, or batch) on a device mesh,
+    by sharding rules written in the `where=` language.
+
+    **Arguments:**
+
+    - `model`: any pytree: a model, an optimiser state, a batch. Frozen arrays and
+        buffers stay frozen arrays and buffers; non-array leaves are left as they are.
+    - `mesh`: a `jax.sharding.Mesh`. Sharding a module's arrays needs `AxisType.Auto`
+        axes (`jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))`):
+        treenn's layers rely on JAX's automatic sharding propagation.
+    - `rules`: a mapping from selectors (`"**.attn.qkv.weight"`, a class, a getter) to
+        `jax.sharding.PartitionSpec`s; each array is placed by the *first* rule that
+        selects it (end with `"**": P()` to replicate the rest). A single
+        `PartitionSpec` applies to every array (`P("data")` for a batch); `None`
+        replicates everything (data parallelism).
+
+    **Returns:** the tree with each array on `NamedSharding(mesh, spec)`. Raises
+    `ValueError` naming the path when an array is left unmatched, when a spec has more
+    entries than the array has dimensions or a dimension is not divisible by its mesh
+    axes, when a rule selects no array or only arrays an earlier rule placed, or when it
+    names an axis the mesh lacks; `TypeError` for a rule value that is not a
+    `PartitionSpec`.
+
+    Optimiser states created afterwards (`tx.init(treenn.trainable(model))`) follow the
+    parameters' sharding; `treenn.load(path, like=sharded_model)` loads into it.
+
+    !!! Example
+
+        ```python
+        mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+        model = treenn.shard(model, mesh, {"**.attn.qkv.weight": P("model"), "**": P()})
+        x, y = treenn.shard((x, y), mesh, P("data"))
+        ```
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"shard: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    specs = _rule_specs(rules, mesh)
+    resolved = [_Rule(where, spec, model) for where, spec in specs]
+    paths, leaves, treedef = flatten(model)
+    names = [dotted(p) for p in paths]
+    arrays = [i for i, x in enumerate(leaves) if type(x) in MARK_TYPES or _is_array(x)]
+    chosen = _match([names[i] for i in arrays], resolved, isinstance(rules, Mapping))
+    values = [_value(leaves[i]) for i in arrays]
+    _check_fit(model, mesh, [names[i] for i in arrays], values, chosen)
+    placed = jax.device_put(values, [NamedSharding(mesh, rule.spec) for rule in chosen])
+    new = list(leaves)
+    for i, value in zip(arrays, placed):
+        new[i] = type(leaves[i])(value) if type(leaves[i]) in MARK_TYPES else value
+    return unflatten(treedef, new)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, ARRAY_TYPES)
+
+
+def _value(leaf: Any) -> Any:
+    return leaf.value if type(leaf) in MARK_TYPES else leaf
+
+
+# -- rules ------------------------------------------------------------------------------
+
+
+def _rule_specs(rules: Any, mesh: Mesh) -> list[tuple[Any, PartitionSpec]]:
+    """`rules` as `(where, spec)` pairs in order, each spec checked against the mesh."""
+    if rules is None:
+        return [(None, PartitionSpec())]
+    if isinstance(rules, PartitionSpec):
+        pairs: list[tuple[Any, Any]] = [(None, rules)]
+    elif isinstance(rules, Mapping):
+        pairs = list(rules.items())
+    else:
+        raise TypeError(
+            f"shard: rules must be a mapping from selectors to PartitionSpecs (e.g. "
+            f'{{"**.attn.qkv.weight": P(None, "model"), "**": P()}}), a single PartitionSpec '
+            f"or None; got {type(rules).__name__}"
+        )
+    for where, spec in pairs:
+        _check_spec(where, spec, mesh)
+    return pairs
+
+
+def _rule_name(where: Any) -> str:
+    return "(the whole tree)" if where is None else describe(where)
+
+
+def _check_spec(where: Any, spec: Any, mesh: Mesh) -> None:
+    name = _rule_name(where)
+    if not isinstance(spec, PartitionSpec):
+        raise TypeError(
+            f"shard: rule {name} maps to {spec!r} ({type(spec).__name__}), not a "
+            "jax.sharding.PartitionSpec such as P(None, 'model') or P()"
+        )
+    seen: set[str] = set()
+    for entry in spec:
+        for axis in _axes(entry, name, spec):
+            if axis not in mesh.axis_names:
+                raise ValueError(
+                    f"shard: rule {name} ({spec}) uses mesh axis {axis!r}, which the mesh "
+                    f"does not have; its axes are {few(list(mesh.axis_names))}"
+                )
+            if axis in seen:
+                raise ValueError(f"shard: rule {name} ({spec}) uses mesh axis {axis!r} twice")
+            seen.add(axis)
+
+
+def _axes(entry: Any, name: str, spec: PartitionSpec) -> Sequence[str]:
+    """The mesh axes one dimension is split over."""
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    if isinstance(entry, tuple) and all(isinstance(a, str) for a in entry):
+        return entry
+    raise ValueError(
+        f"shard: rule {name} ({spec}) has entry {entry!r}; each entry must be None, a mesh "
+        "axis name, or a tuple of axis names"
+    )
+
+
+# -- matching ---------------------------------------------------------------------------
+
+
+def _first_rule(rules: list[_Rule], path: str) -> _Rule | None:
+    for rule in rules:
+        if rule.covers(path):
+            rule.used.append(path)
+            return rule
+    return None
+
+
+def _match(names: list[str], rules: list[_Rule], explicit: bool) -> list[_Rule]:
+    """The rule placing each array (the first that selects it), checking that every array
+    is matched and, for explicit rule sets, that every rule places something."""
+    chosen = [_first_rule(rules, name) for name in names]
+    unmatched = [n for n, rule in zip(names, chosen) if rule is None]
+    if unmatched:
+        raise ValueError(
+            f"shard: no rule matches {few(unmatched)}; rules: "
+            f"{', '.join(r.name for r in rules)}. End the rules with a catch-all such as "
+            '"**": P() to replicate the rest'
+        )
+    for rule in rules if explicit else ():
+        if rule.used:
+            continue
+        selected = [n for n in names if rule.covers(n)]
+        if not selected:
+            raise ValueError(f"shard: rule {rule.name} matches no array; arrays: {few(names)}")
+        earlier = [r.name for r in rules if set(r.used) & set(selected)]
+        raise ValueError(
+            f"shard: rule {rule.name} is never used: every array it matches "
+            f"({few(selected, 4)}) is placed by an earlier rule ({', '.join(earlier)}); "
+            "put the more specific rule first"
+        )
+    return [rule for rule in chosen if rule is not None]
+
+
+# -- fit ----------------------------------------------------------------------------------
+
+
+def _check_fit(
+    tree: Any, mesh: Mesh, names: list[str], values: list[Any], chosen: list[_Rule]
+) -> None:
+    problems = [
+        problem
+        for name, value, rule in zip(names, values, chosen)
+        if (problem := _misfit(mesh, name, tuple(value.shape), rule)) is not None
+    ]
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError("shard: " + "; ".join(problems[:5]) + more)
+    explicit = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit]
+    if explicit and _holds_module(tree):
+        for name, rule in zip(names, chosen):
+            used = [a for entry in rule.spec for a in _axes(entry, rule.name, rule.spec)]
+            bad = [a for a in used if a in explicit]
+            if bad:
+                raise ValueError(
+                    f"shard: rule {rule.name} shards module array {name!r} over mesh axis "
+                    f"{bad[0]!r}, which is Explicit; treenn's layers rely on JAX's automatic "
+                    "sharding propagation: build the mesh with axis_types=(AxisType.Auto,) "
+                    "* n (Explicit axes work for batches and replicated models)"
+                )
+
+
+def _misfit(mesh: Mesh, name: str, shape: tuple[int, ...], rule: _Rule) -> str | None:
+    spec = rule.spec
+    if len(spec) > len(shape):
+        return (
+            f"{name!r} has shape {shape} (rank {len(shape)}), but rule {rule.name} gives "
+            f"{spec} for {len(spec)} dimensions"
+        )
+    for dim, entry in enumerate(spec):
+        axes = _axes(entry, rule.name, spec)
+        size = 1
+        for axis in axes:
+            size *= mesh.shape[axis]
+        if shape[dim] % size:
+            return (
+                f"{name!r} has shape {shape}: dimension {dim} ({shape[dim]}) is not divisible "
+                f"by the size of mesh axis {' × '.join(map(repr, axes))} ({size}) in rule "
+                f"{rule.name}: {spec}"
+            )
+    return None
+
+
+def _holds_module(tree: Any) -> bool:
+    if is_module(tree):
+        return True
+    _, leaves, _ = flatten(tree, STOP_MODULE)
+    return any(is_module(x) for x in leaves)
