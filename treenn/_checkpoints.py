@@ -27,6 +27,7 @@ import numpy as np
 from ._selectors import few
 from ._status import ARRAY_TYPES, MARK_TYPES, Buffer, Frozen, Status, status_of
 from ._tree import (
+    check_model,
     dotted,
     field_names,
     fit_classes,
@@ -95,6 +96,10 @@ def write_safetensors(
     head += b" " * (-len(head) % 8)
     target = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"cannot save to {target!r}: it is a folder; name a file in it")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save to {target!r}: the folder {folder!r} does not exist")
     fd, tmp = tempfile.mkstemp(
         dir=folder, prefix="." + os.path.basename(target) + ".", suffix=".tmp"
     )
@@ -206,6 +211,7 @@ def save(path: PathLike, model: Any) -> None:
         model = treenn.load("model.safetensors", like=model)
         ```
     """
+    check_model(model, "treenn.save")
     paths, leaves, _ = flatten(model)
     arrays: dict[str, np.ndarray] = {}
     frozen, buffers, keys = [], [], {}
@@ -215,6 +221,11 @@ def save(path: PathLike, model: Any) -> None:
         name = dotted(key_path)
         if name in arrays:
             raise CheckpointError(f"cannot save: two arrays share the path {name!r}")
+        if isinstance(leaf.value if type(leaf) in MARK_TYPES else leaf, jax.core.Tracer):
+            raise CheckpointError(
+                f"cannot save {name!r}: it is a traced value (treenn.save was called inside "
+                "jit, grad, vmap...); save the model the transformed function returns"
+            )
         arrays[name], impl = _host(leaf)
         if impl is not None:
             keys[name] = impl
@@ -254,6 +265,7 @@ def load(path: PathLike, like: T) -> T:
         model = treenn.load("model.safetensors", like=make_model(key=jax.random.key(0)))
         ```
     """
+    check_model(like, "treenn.load", "like")
     arrays, metadata = read_safetensors(path)
     meta = _metadata(path, metadata)
     paths, leaves, treedef = flatten(like)
@@ -331,6 +343,7 @@ def load_pretrained(
         print(report.missing)     # ['fc.weight', 'fc.bias'] with a new head shape...
         ```
     """
+    check_model(like, "treenn.load_pretrained", "like")
     arrays, _ = read_safetensors(path)
     paths, leaves, treedef = flatten(like)
     loaded: list[str] = []

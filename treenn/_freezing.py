@@ -19,6 +19,7 @@ from ._tree import (
     STOP_FOREIGN,
     KeyPath,
     below,
+    check_model,
     dotted,
     dynamic_fields,
     flatten,
@@ -100,6 +101,7 @@ def freeze_backbone(model: T, head: Where) -> T:
     """
     from .nn._modes import eval_mode, modes
 
+    check_model(model, "treenn.freeze_backbone")
     selection = select(head, model)
     if selection is None:
         raise ValueError("freeze_backbone: head=None selects the whole model; name the head")
@@ -121,6 +123,7 @@ class _Report:
 
 @no_gc()
 def _set_frozen(model: Any, where: Any, frozen: bool) -> Any:
+    check_model(model, "treenn.freeze" if frozen else "treenn.unfreeze")
     selection = select(where, model)
     covers = None if selection is None else selection.covers
     report = _Report()

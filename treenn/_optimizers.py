@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from ._transforms import _is_none, structure_mismatch, trainable
-from ._tree import dotted, flatten, unflatten
+from ._tree import check_model, dotted, flatten, unflatten
 
 
 def migrate_opt_state(tx: Any, opt_state: Any, model: Any) -> Any:
@@ -35,6 +35,12 @@ def migrate_opt_state(tx: Any, opt_state: Any, model: Any) -> Any:
         opt_state = treenn.migrate_opt_state(tx, opt_state, model)
         ```
     """
+    check_model(model, "treenn.migrate_opt_state")
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(
+            f"migrate_opt_state: tx={tx!r} is not an optax transform (it needs `init` and "
+            "`update`); pass the transform `opt_state` was made by, e.g. `optax.adam(1e-3)`"
+        )
     fresh = tx.init(trainable(model))
     new_paths, new_leaves, new_def = flatten(fresh, _is_none)
     old_paths, old_leaves, old_def = flatten(opt_state, _is_none)

@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
+import equinox as eqx
+
 from ._status import ARRAY_TYPES, Mark
 from ._tree import dotted, flatten
 
@@ -43,9 +45,9 @@ def describe(where: Any) -> str:
     if isinstance(where, tuple) and all(isinstance(w, type) for w in where):
         return "(" + ", ".join(w.__qualname__ for w in where) + ")"
     if callable(where) and not isinstance(where, str):
-        name = getattr(where, "__qualname__", None) or repr(where)
+        name = getattr(where, "__qualname__", None) or _short(where)
         return f"<getter {name}>"
-    return repr(where)
+    return repr(where) if isinstance(where, str) else _short(where)
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -181,6 +183,13 @@ def select(where: Any, tree: Any) -> Selection | None:
         isinstance(where, tuple) and where and all(isinstance(w, type) for w in where)
     ):
         return _classes(where, tree)
+    if isinstance(where, eqx.Module):
+        # A callable module would otherwise run as a getter, with a baffling error.
+        raise TypeError(
+            f"where= is a {type(where).__name__} module, not a selector: select a submodule "
+            "with a getter such as `lambda m: m.head` or its path; if it is the model, it "
+            "comes first: `f(model, where)`"
+        )
     if callable(where):
         return _getter(where, tree)
     raise TypeError(

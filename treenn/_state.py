@@ -21,7 +21,7 @@ import jax
 import jax.extend.core as jex
 
 from ._status import MARK_TYPES
-from ._tree import flatten, replace_fields, unflatten
+from ._tree import check_model, flatten, replace_fields, unflatten
 
 T = TypeVar("T")
 
@@ -107,7 +107,13 @@ def apply(model: T, *args: Any, **kwargs: Any) -> tuple[Any, T]:
         (loss, model), grads = treenn.value_and_grad(loss_fn, has_aux=True)(model, x, y, key)
         ```
     """
-    return run(lambda m: m(*args, **kwargs), model)  # type: ignore[operator]
+    check_model(model, "treenn.apply")
+    if not callable(model):
+        raise TypeError(
+            f"treenn.apply: the model ({type(model).__name__}) is not callable; pass the "
+            "model first, then its inputs: `treenn.apply(model, x, key=key)`"
+        )
+    return run(lambda m: m(*args, **kwargs), model)
 
 
 def run(fn: Callable[[T], Any], model: T) -> tuple[Any, T]:

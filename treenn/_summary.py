@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._status import ARRAY_TYPES, MARK_TYPES, Status, status_of
-from ._tree import dotted, is_mode_bearing, modules, no_gc
+from ._tree import check_model, dotted, is_mode_bearing, modules, no_gc
 
 _HEADER = ("path", "module", "shape", "dtype", "params", "status", "mode")
 
@@ -88,6 +88,7 @@ def summary(model: Any) -> str:
         print(treenn.summary(treenn.freeze(model, "backbone.**")))
         ```
     """
+    check_model(model, "treenn.summary")
     table = rows(model)
     lines = [tuple(str(c) for c in row[:7]) for row in table]
     widths = [max([len(h)] + [len(r[i]) for r in lines]) for i, h in enumerate(_HEADER)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -92,6 +93,22 @@ def _component(key: Any) -> str:
 def dotted(path: KeyPath) -> str:
     """PyTorch-style dotted path of a key path: `layers.0.weight`. Marks are invisible."""
     return ".".join([_component(k) for k in path if type(k) is not MarkKey])
+
+
+def check_model(model: Any, fn: str, name: str = "model") -> None:
+    """Reject what cannot be a model, where treating it as an empty pytree would make
+    `fn` silently do nothing: a class (not instantiated) or a path (arguments swapped).
+    """
+    if isinstance(model, type):
+        raise TypeError(
+            f"{fn}: {name} is the class {model.__qualname__}, not a model; build one "
+            f"first, e.g. `{model.__name__}(..., key=key)`"
+        )
+    if isinstance(model, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"{fn}: {name}={model!r} is a {type(model).__name__}, not a model; check the "
+            "order of the arguments"
+        )
 
 
 # -- modules ------------------------------------------------------------------------

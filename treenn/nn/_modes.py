@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from .._selectors import Where, no_match, select
 from .._tree import (
     STOP_MODE_BEARING,
+    check_model,
     dotted,
     field_names,
     is_mode_bearing,
@@ -46,6 +47,7 @@ def eval_mode(model: T, where: Where = None, *, pin: bool = False) -> T:
         model = nn.train_mode(model)   # the backbone's BatchNorm stays in eval
         ```
     """
+    check_model(model, "nn.eval_mode")
     return _switch(model, where, inference=True, pin=pin)
 
 
@@ -66,6 +68,7 @@ def train_mode(model: T, where: Where = None, *, pin: bool = False) -> T:
         model = nn.train_mode(nn.eval_mode(model), nn.Dropout, pin=True)  # MC dropout
         ```
     """
+    check_model(model, "nn.train_mode")
     return _switch(model, where, inference=False, pin=pin)
 
 
@@ -85,6 +88,7 @@ def unpin(model: T, where: Where = None) -> T:
         model = nn.unpin(model, "backbone.**")
         ```
     """
+    check_model(model, "nn.unpin")
     return _edit(model, where, lambda path, m: _with(m, pinned=False) if _pinned(m) else m)
 
 
@@ -105,6 +109,7 @@ def modes(model: Any) -> dict[str, bool]:
         nn.modes(model)  # {'backbone.bn1': True, 'dropout': False}
         ```
     """
+    check_model(model, "nn.modes")
     return {
         dotted(path): bool(module.inference)
         for path, module, _ in modules(model)
@@ -115,6 +120,7 @@ def modes(model: Any) -> dict[str, bool]:
 @no_gc()
 def pinned(model: Any) -> dict[str, bool]:
     """Every mode-bearing module's pin, by dotted path (`False` where it cannot pin)."""
+    check_model(model, "nn.pinned")
     return {
         dotted(path): _pinned(module)
         for path, module, _ in modules(model)
