@@ -437,3 +437,60 @@ def test_training_loop_with_state(key):
         m_jit.layers[3].weight, m_eager.layers[3].weight, rtol=1e-5, atol=1e-6
     )
     assert treenn.trainable(m_jit).layers[1].running_mean is None
+
+
+# -- inputs passed through unchanged -------------------------------------------------------
+
+
+def test_frozen_arrays_come_back_as_the_same_arrays(key, x):
+    """A frozen array the step leaves alone is the input array itself (no copy per
+    step); the trained arrays are new and equal to the eager step's."""
+    k1, k2 = jax.random.split(key)
+    model = nn.Sequential(nn.Linear(3, 4, key=k1), nn.Linear(4, 2, key=k2))
+    model = treenn.freeze(model, "layers.0")
+
+    def step(model, x):
+        grads = treenn.grad(lambda m, x: jnp.sum(m(x) ** 2))(model, x)
+        return treenn.apply_updates(model, jax.tree.map(lambda g: -0.1 * g, grads))
+
+    jitted = treenn.jit(step)
+    out, want = jitted(model, x), step(model, x)
+    assert out.layers[0].weight is model.layers[0].weight
+    assert out.layers[0].bias is model.layers[0].bias
+    assert out.layers[1].weight is not model.layers[1].weight
+    np.testing.assert_allclose(out.layers[1].weight, want.layers[1].weight, rtol=1e-6)
+    assert treenn.trainable(out).layers[0].weight is None  # still frozen
+    again = jitted(out, x)  # the returned model, passed back in
+    assert again.layers[0].weight is model.layers[0].weight
+    np.testing.assert_allclose(again.layers[1].weight, step(want, x).layers[1].weight, rtol=1e-6)
+
+
+def test_numpy_input_passed_through_comes_back_as_a_jax_array():
+    f = treenn.jit(lambda a, b: (a, b * 2))
+    a, b = np.arange(3.0, dtype=np.float32), np.float32(2.0)
+    same, doubled = f(a, b)
+    assert isinstance(same, jax.Array) and isinstance(doubled, jax.Array)
+    np.testing.assert_array_equal(same, a)
+    assert float(doubled) == 4.0
+    on_device = jnp.asarray(a)
+    assert f(on_device, b)[0] is on_device
+
+
+@pytest.mark.parametrize("donate", ["all", "all-except-first"])
+def test_donated_inputs_are_returned_as_new_arrays(donate):
+    a, b = jnp.arange(3.0), jnp.ones(3)
+    out_a, out_b, total = treenn.jit(lambda a, b: (a, b, jnp.sum(a + b)), donate=donate)(a, b)
+    assert b.is_deleted() and out_b is not b  # donated: its buffer now belongs to out_b
+    np.testing.assert_array_equal(out_b, np.ones(3))
+    np.testing.assert_array_equal(out_a, np.arange(3.0))
+    assert (out_a is a) == (donate == "all-except-first")
+    assert float(total) == 6.0
+
+
+def test_pass_through_that_depends_on_shapes():
+    f = treenn.jit(lambda a: a if a.shape[0] == 2 else a + 1)
+    two, three = jnp.ones(2), jnp.ones(3)
+    assert f(two) is two
+    np.testing.assert_array_equal(f(three), np.full(3, 2.0))
+    assert f(two) is two  # each shape keeps its own trace's pass-through
+    np.testing.assert_array_equal(f(jnp.zeros(3)), np.ones(3))

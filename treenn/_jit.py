@@ -13,6 +13,9 @@ per call as possible:
   mutable containers (lists, dicts) are remembered this way.
 - Outputs are rebuilt after the computation was dispatched, so with JAX's asynchronous
   dispatch the rebuild overlaps the computation.
+- An output array that is an input array unchanged (a frozen weight, a pinned
+  BatchNorm's statistics) is not an output of the computation: the input array is put
+  in its place, so freezing saves the copy `jax.jit` would make of it every call.
 """
 
 from __future__ import annotations
@@ -100,23 +103,21 @@ class _Jit:
     # -- per-argument flattening ----------------------------------------------------
     def _split(
         self, x: Any, known: dict[int, Any], remember: dict[int, Any]
-    ) -> tuple[list[Any], int]:
+    ) -> tuple[list[Any], int, bool]:
+        """`(arrays, structure id, whether any array is a NumPy one)`."""
         if is_array(x):
-            return [x], _ARRAY_ID
+            return [x], _ARRAY_ID, isinstance(x, _HOST)
         hit = known.get(id(x))
         if hit is not None and hit[0] is x:
             remember[id(x)] = hit
-            return hit[1], hit[2]
+            return hit[1], hit[2], False
         treedef, statics, dynamic = _split_leaves(x)
         sid = self._structure_id(treedef, statics)
         structure = self._structures[sid]
-        if (
-            structure is not None
-            and structure.immutable
-            and not any(isinstance(leaf, np.ndarray) for leaf in dynamic)
-        ):
+        host = any(isinstance(leaf, _HOST) for leaf in dynamic)
+        if structure is not None and structure.immutable and not host:
             remember[id(x)] = (x, dynamic, sid)
-        return dynamic, sid
+        return dynamic, sid, host
 
     def _structure_id(self, treedef: Any, statics: tuple[Any, ...]) -> int:
         key = (treedef, statics)
@@ -146,10 +147,12 @@ class _Jit:
         # output lists come back per output element, ready to be passed in again.
         lists = []
         sids = []
+        host = False
         for obj in objects:
-            dynamic, sid = self._split(obj, known, remember)
+            dynamic, sid, on_host = self._split(obj, known, remember)
             lists.append(dynamic)
             sids.append(sid)
+            host = host or on_host
         key = (len(args), bool(kwargs), *sids)
         entry = self._entries.get(key)
         if entry is None:
@@ -163,16 +166,27 @@ class _Jit:
                 out_lists = jitted(*lists)
         else:
             out_lists = jitted(*lists)
-        out = self._rebuild(entry.out, out_lists, remember)
+        # Forwarded NumPy inputs come back as JAX arrays, as from `jax.jit`.
+        inputs = _on_device(lists) if host else lists
+        out = self._rebuild(entry.out, out_lists, inputs, remember)
         self._known = remember
         return out
 
-    def _rebuild(self, out_info: Any, out_lists: list[list[Any]], remember: dict[int, Any]) -> Any:
-        structure, parts = out_info
+    def _rebuild(
+        self,
+        out_info: Any,
+        out_lists: list[list[Any]],
+        in_lists: list[list[Any]],
+        remember: dict[int, Any],
+    ) -> Any:
+        structure, parts, merges = out_info
         if parts is None:
-            return structure.build_fast(out_lists[0])
+            arrays = out_lists[0] if merges[0] is None else merges[0](out_lists[0], in_lists)
+            return structure.build_fast(arrays)
         elements = []
-        for arrays, (part, sid) in zip(out_lists, parts):
+        for arrays, (part, sid), merge in zip(out_lists, parts, merges):
+            if merge is not None:
+                arrays = merge(arrays, in_lists)
             element = part.build_fast(arrays)
             if sid is not None:
                 remember[id(element)] = (element, arrays, sid)
@@ -185,6 +199,9 @@ class _Jit:
         entry = _Entry()
         fn = self._fn
 
+        first = 1 if self._donate.endswith("except-first") else 0
+        donate = tuple(range(first, len(sids))) if self._donate != "none" else ()
+
         def flat(*lists: list[Any]) -> list[list[Any]]:
             objects = [
                 arrays[0] if structure is None else structure.build(arrays)
@@ -193,16 +210,22 @@ class _Jit:
             call_fn = objects[n_args] if self._fn_is_arg else fn
             call_kwargs = objects[-1] if has_kwargs else {}
             out = call_fn(*objects[:n_args], **call_kwargs)
-            out_info = self._describe_output(out)
+            structure, parts = self._describe_output(out)
+            outputs = [_arrays(out)] if parts is None else [_arrays(element) for element in out]
+            # Donated inputs are deleted by the call: only the others can be forwarded.
+            inputs = {
+                id(x): (k, j)
+                for k, arrays in enumerate(lists)
+                if k not in donate
+                for j, x in enumerate(arrays)
+            }
+            split = [_forwarding(arrays, inputs) for arrays in outputs]
+            out_info = (structure, parts, tuple(merge for _, merge in split))
             if entry.out is not None and entry.by_shape is None and not _same(entry.out, out_info):
                 entry.by_shape = {}
             entry.out = out_info
-            if out_info[1] is None:
-                return [_arrays(out)]
-            return [_arrays(element) for element in out]
+            return [computed for computed, _ in split]
 
-        first = 1 if self._donate.endswith("except-first") else 0
-        donate = tuple(range(first, len(sids))) if self._donate != "none" else ()
         entry.jitted = jax.jit(flat, donate_argnums=donate)
         return entry
 
@@ -245,6 +268,44 @@ def _arrays(tree: Any) -> list[Any]:
     return [x for x in jtu.tree_leaves(tree) if is_array(x)]
 
 
+_HOST = (np.ndarray, np.generic)
+
+
+def _on_device(lists: list[list[Any]]) -> list[list[Any]]:
+    """The input lists with NumPy arrays put on the device."""
+    return [[jax.numpy.asarray(x) if isinstance(x, _HOST) else x for x in xs] for xs in lists]
+
+
+def _forwarding(
+    arrays: list[Any], inputs: dict[int, tuple[int, int]]
+) -> tuple[list[Any], Callable[[list[Any], list[list[Any]]], list[Any]] | None]:
+    """Split an output's (traced) arrays into those the computation must return and
+    those that are inputs passed through unchanged: `(computed, merge)`, where
+    `merge(computed_values, input_lists)` rebuilds the whole list after the call (`None`
+    when nothing is passed through)."""
+    computed: list[Any] = []
+    items: list[str] = []
+    for x in arrays:
+        source = inputs.get(id(x))
+        if source is None:
+            items.append(f"c[{len(computed)}]")
+            computed.append(x)
+        else:
+            items.append(f"i[{source[0]}][{source[1]}]")
+    if len(computed) == len(arrays):
+        return arrays, None
+    return computed, _merger(", ".join(items))
+
+
+@functools.lru_cache(maxsize=None)
+def _merger(items: str) -> Callable[[list[Any], list[list[Any]]], list[Any]]:
+    # Cached by its source, so two traces that forward alike compare equal (`_same`).
+    namespace: dict[str, Any] = {}
+    exec(f"def merge(c, i):\n    return [{items}]\n", namespace)
+    merge: Callable[[list[Any], list[list[Any]]], list[Any]] = namespace["merge"]
+    return merge
+
+
 def _split_leaves(tree: Any) -> tuple[Any, tuple[Any, ...], list[Any]]:
     """`(treedef, statics, arrays)`: the structure key of `tree` and its array leaves."""
     leaves, treedef = jtu.tree_flatten(tree)
@@ -252,10 +313,16 @@ def _split_leaves(tree: Any) -> tuple[Any, tuple[Any, ...], list[Any]]:
     return treedef, statics, [x for x in leaves if is_array(x)]
 
 
-def _same(a: tuple[_Structure, Any], b: tuple[_Structure, Any]) -> bool:
-    """Whether two traces gave the same output structure."""
+def _same(a: tuple[_Structure, Any, Any], b: tuple[_Structure, Any, Any]) -> bool:
+    """Whether two traces gave the same output structure, with the same inputs passed
+    through."""
     try:
-        return bool(a[0].treedef == b[0].treedef and a[0].statics == b[0].statics and a[1] == b[1])
+        return bool(
+            a[0].treedef == b[0].treedef
+            and a[0].statics == b[0].statics
+            and a[1] == b[1]
+            and a[2] == b[2]
+        )
     except Exception:  # statics whose == is not a plain bool: assume they differ
         return False
 
