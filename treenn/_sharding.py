@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import jax
+from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._selectors import Selection, describe, few, select
@@ -88,7 +89,13 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
     chosen = _match([names[i] for i in arrays], resolved, isinstance(rules, Mapping))
     values = [_value(leaves[i]) for i in arrays]
     _check_fit(model, mesh, [names[i] for i in arrays], values, chosen)
-    placed = jax.device_put(values, [NamedSharding(mesh, rule.spec) for rule in chosen])
+    shardings = [NamedSharding(mesh, rule.spec) for rule in chosen]
+    if any(isinstance(v, Tracer) for v in values):
+        # Inside a compiled step: a constraint, which (unlike a traced device_put) the
+        # partitioner must honour, so outputs keep their placement.
+        placed = jax.lax.with_sharding_constraint(values, shardings)
+    else:
+        placed = jax.device_put(values, shardings)
     new = list(leaves)
     for i, value in zip(arrays, placed):
         new[i] = type(leaves[i])(value) if type(leaves[i]) in MARK_TYPES else value
@@ -230,9 +237,10 @@ def _check_fit(
 
 def _misfit(mesh: Mesh, name: str, shape: tuple[int, ...], rule: _Rule) -> str | None:
     spec = rule.spec
+    name = repr(name) if name else "the array"
     if len(spec) > len(shape):
         return (
-            f"{name!r} has shape {shape} (rank {len(shape)}), but rule {rule.name} gives "
+            f"{name} has shape {shape} (rank {len(shape)}), but rule {rule.name} gives "
             f"{spec} for {len(spec)} dimensions"
         )
     for dim, entry in enumerate(spec):
@@ -241,10 +249,10 @@ def _misfit(mesh: Mesh, name: str, shape: tuple[int, ...], rule: _Rule) -> str |
         for axis in axes:
             size *= mesh.shape[axis]
         if shape[dim] % size:
+            over = f"mesh axis {axes[0]!r}" if len(axes) == 1 else f"mesh axes {tuple(axes)}"
             return (
-                f"{name!r} has shape {shape}: dimension {dim} ({shape[dim]}) is not divisible "
-                f"by the size of mesh axis {' × '.join(map(repr, axes))} ({size}) in rule "
-                f"{rule.name}: {spec}"
+                f"{name} has shape {shape}: dimension {dim} ({shape[dim]}) is not divisible "
+                f"by the size of {over} ({size}) in rule {rule.name}: {spec}"
             )
     return None
 

@@ -1,0 +1,266 @@
+"""Sharded training on 8 simulated CPU devices, against the single-device run.
+
+Not collected by a plain `pytest` (the name does not start with `test_`): JAX fixes its
+device count when it starts, and tests/conftest.py starts it with one device. Run by
+tests/test_sharding.py in a subprocess with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`, under the same strict conftest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import Net, optax_promotion, statuses
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import treenn
+from treenn._tree import dotted, flatten
+from treenn.models import vit_tiny
+
+if jax.device_count() != 8:
+    raise RuntimeError(
+        f"sharding_cases.py needs 8 devices, JAX has {jax.device_count()}: run it through "
+        "tests/test_sharding.py (XLA_FLAGS=--xla_force_host_platform_device_count=8)"
+    )
+
+AUTO = (AxisType.Auto, AxisType.Auto)
+TOL = {"rtol": 2e-5, "atol": 2e-6}  # sharded reductions sum in another order
+
+
+def xent(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def step_loss(model: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
+    return xent(model(x, key=key), y)
+
+
+def arrays(tree: Any) -> dict[str, Any]:
+    """Dotted path -> array (marks unwrapped) of every array leaf."""
+    paths, leaves, _ = flatten(tree)
+    out = {}
+    for path, leaf in zip(paths, leaves):
+        value = getattr(leaf, "value", leaf)
+        if isinstance(value, jax.Array):
+            out[dotted(path)] = value
+    return out
+
+
+def assert_close(sharded: Any, single: Any, what: str) -> None:
+    a, b = arrays(sharded), arrays(single)
+    assert a.keys() == b.keys(), what
+    for name in a:
+        np.testing.assert_allclose(
+            np.asarray(a[name]), np.asarray(b[name]), **TOL, err_msg=f"{what}: {name}"
+        )
+
+
+def assert_placed(tree: Any, mesh: Any, expected: dict[str, P]) -> None:
+    """Every array has the spec `expected` gives its path (P() when absent), and each
+    device holds exactly its slice of the values."""
+    for name, x in arrays(tree).items():
+        spec = expected.get(name, P())
+        want = NamedSharding(mesh, spec)
+        assert x.sharding.is_equivalent_to(want, x.ndim), f"{name}: {x.sharding.spec} != {spec}"
+        full = np.asarray(x)
+        for shard in x.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index], name)
+
+
+def same_sharding(tree: Any, like: Any, what: str) -> None:
+    a, b = arrays(tree), arrays(like)
+    for name, x in a.items():
+        assert x.sharding.is_equivalent_to(b[name].sharding, x.ndim), (
+            f"{what}: {name} is {x.sharding}, its parameter {b[name].sharding}"
+        )
+
+
+# SGD with momentum: after the first step its state (the momentum trace) *is* the
+# gradient, so one compiled step per placement checks loss, gradients, updated parameters
+# and BatchNorm statistics together. (Adam would also divide near-zero gradients, such
+# as a key bias's, by their own magnitude: summation-order noise into full-size steps.)
+TX = optax.sgd(0.1, momentum=0.9)
+
+
+def grads_of(opt_state: Any) -> Any:
+    """The gradient of the first step, by parameter path (also the optimiser state)."""
+    return opt_state[0].trace
+
+
+def small_vit(key: jax.Array) -> Any:
+    return vit_tiny(8, img_size=8, patch_size=4, in_channels=1, dim=16, depth=1, num_heads=2,
+                    key=key)  # fmt: skip
+
+
+def vit_batch(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = jax.random.normal(key, (8, 8, 8, 1))
+    return x, jax.random.randint(jax.random.fold_in(key, 1), (8,), 0, 8)
+
+
+def train(
+    model: Any, batch: Any, key: jax.Array, loss_fn: Any = step_loss
+) -> tuple[Any, Any, Any, jax.Array]:
+    """One training step: `(initial optimiser state, model, optimiser state, loss)`."""
+    with optax_promotion():
+        opt_state = TX.init(treenn.trainable(model))
+        return (opt_state, *treenn.train_step(loss_fn, TX)(model, opt_state, *batch, key))
+
+
+def pinned(rules: dict[str, P]) -> Any:
+    """`step_loss` on the model constrained to `rules` inside the step: the recipe that
+    makes the step return every array (and its gradient and optimiser state) placed as
+    the rules say, instead of wherever XLA's propagation puts it."""
+    return lambda m, x, y, key: step_loss(treenn.shard(m, MESH, rules), x, y, key)
+
+
+def assert_same_step(sharded: Any, single: Any) -> None:
+    """Two `train` results agree: loss, gradients, updated model (with BN statistics)."""
+    np.testing.assert_allclose(sharded[3], single[3], **TOL, err_msg="loss")
+    assert_close(grads_of(sharded[2]), grads_of(single[2]), "gradients")
+    assert_close(sharded[1], single[1], "trained model")
+
+
+# -- data parallel -----------------------------------------------------------------------
+
+
+def test_data_parallel_step_matches_single_device_with_global_batchnorm_statistics():
+    # jax.make_mesh's default (Explicit) axes: data parallelism needs no Auto axes.
+    mesh = jax.make_mesh((8,), ("data",))
+    key = jax.random.key(0)
+    model = Net(key=key)  # Conv, BatchNorm (training mode), Dropout, Linear
+    x = jax.random.normal(jax.random.fold_in(key, 1), (16, 5, 5, 3))
+    y = jnp.arange(16) % 3
+    replicated = treenn.shard(model, mesh)
+    assert_placed(replicated, mesh, {})
+    xs, ys = treenn.shard((x, y), mesh, P("data"))
+    assert xs.sharding.spec == P("data") and ys.sharding.spec == P("data")
+    assert {s.data.shape for s in xs.addressable_shards} == {(2, 5, 5, 3)}
+
+    single, sharded = train(model, (x, y), key), train(replicated, (xs, ys), key)
+    assert len(sharded[3].sharding.device_set) == 8  # it ran on the mesh
+    assert_same_step(sharded, single)
+    # Running statistics of the global batch of 16: a device's own 2 images would give
+    # another variance (and the loss and gradients would differ).
+    bn1, bn8 = single[1].backbone.layers[1], sharded[1].backbone.layers[1]
+    assert not np.allclose(bn1.running_var, Net(key=key).backbone.layers[1].running_var)
+    np.testing.assert_allclose(bn8.running_mean, bn1.running_mean, **TOL)
+    np.testing.assert_allclose(bn8.running_var, bn1.running_var, **TOL)
+    assert statuses(sharded[1]) == statuses(model)
+    assert_placed(sharded[1], mesh, {})  # still replicated on all 8 devices
+
+
+# -- fully-sharded data parallel and tensor parallel, on a small ViT ---------------------
+
+MESH = jax.make_mesh((4, 2), ("data", "model"), axis_types=AUTO)
+FSDP = {"**.weight": P("data"), "**": P()}
+# Megatron-style: column-parallel qkv and fc1 (output features split), row-parallel
+# proj and fc2 (input features split); PyTorch's (out, in) weight layout.
+TENSOR_PARALLEL = {
+    "**.attn.qkv.*": P("model"),
+    "**.attn.proj.weight": P(None, "model"),
+    "**.mlp.fc1.*": P("model"),
+    "**.mlp.fc2.weight": P(None, "model"),
+    "**": P(),
+}
+
+
+@pytest.fixture(scope="module")
+def vit_run() -> tuple[Any, Any, jax.Array, Any]:
+    """A small ViT (patch embedding frozen), a batch, a key, and its single-device step."""
+    key = jax.random.key(1)
+    model = treenn.freeze(small_vit(key), "patch_embed")
+    batch = vit_batch(key)
+    return model, batch, key, train(model, batch, key)
+
+
+def test_fsdp_placement_training_and_optimizer_state_follow_the_rules(vit_run):
+    model, batch, key, single = vit_run
+    sharded = treenn.shard(model, MESH, FSDP)
+    weights = [n for n in arrays(model) if n.endswith(".weight")]
+    assert "blocks.0.attn.qkv.weight" in weights and "head.weight" in weights
+    assert_placed(sharded, MESH, {n: P("data") for n in weights})
+    qkv = arrays(sharded)["blocks.0.attn.qkv.weight"]
+    assert {s.data.shape for s in qkv.addressable_shards} == {(12, 16)}  # a quarter each
+    assert statuses(sharded) == statuses(model)  # frozen arrays stay frozen
+
+    result = train(sharded, treenn.shard(batch, MESH, P("data")), key, pinned(FSDP))
+    same_sharding(grads_of(result[0]), sharded, "optimiser state from tx.init")
+    assert_same_step(result, single)
+    same_sharding(result[1], sharded, "trained model")  # the step keeps the placement
+    same_sharding(grads_of(result[2]), sharded, "optimiser state after the step")
+
+
+def test_tensor_parallel_placement_and_training_match_single_device(vit_run):
+    model, batch, key, single = vit_run
+    sharded = treenn.shard(model, MESH, TENSOR_PARALLEL)
+    expected = {
+        "blocks.0.attn.qkv.weight": P("model"),
+        "blocks.0.attn.qkv.bias": P("model"),
+        "blocks.0.attn.proj.weight": P(None, "model"),
+        "blocks.0.mlp.fc1.weight": P("model"),
+        "blocks.0.mlp.fc1.bias": P("model"),
+        "blocks.0.mlp.fc2.weight": P(None, "model"),
+    }
+    assert_placed(sharded, MESH, expected)
+    fc2 = arrays(sharded)["blocks.0.mlp.fc2.weight"]
+    assert {s.data.shape for s in fc2.addressable_shards} == {(16, 32)}
+
+    result = train(sharded, treenn.shard(batch, MESH, P("data")), key)
+    assert_same_step(result, single)
+    same_sharding(result[1], sharded, "trained model")
+    same_sharding(grads_of(result[2]), sharded, "optimiser state")
+
+
+# -- errors that need a mesh axis larger than 1 -----------------------------------------
+
+
+def test_indivisible_dimension_names_path_shape_and_axis():
+    mesh = MESH
+    net = Net(key=jax.random.key(0))  # head: Linear(4, 3)
+    with pytest.raises(ValueError, match=r"'head\.bias' has shape \(3,\): dimension 0 \(3\) is "
+                       r"not divisible by the size of mesh axis 'data' \(4\)"):  # fmt: skip
+        treenn.shard(net, mesh, {"head.bias": P("data"), "**": P()})
+    with pytest.raises(ValueError, match=r"'head\.weight'.*mesh axes \('data', 'model'\) \(8\)"):
+        treenn.shard(net, mesh, {"head.weight": P(None, ("data", "model")), "**": P()})
+    with pytest.raises(ValueError, match=r"'x' has shape \(6, 3\).*'data' \(4\)"):
+        treenn.shard({"x": jnp.ones((6, 3))}, mesh, P("data"))
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+NET_RULES = {
+    "backbone.layers.0.weight": P("data"),
+    "backbone.layers.1.running_mean": P("data"),
+    "head.weight": P(None, "data"),
+    "**": P(),
+}
+
+
+def test_checkpoint_of_a_sharded_model_round_trips_values_status_and_shardings(tmp_path):
+    mesh = MESH
+    model = treenn.freeze(Net(key=jax.random.key(0)), "backbone.layers.0")
+    sharded = treenn.shard(model, mesh, NET_RULES)
+    path = tmp_path / "sharded.safetensors"
+    treenn.save(path, sharded)
+
+    like = treenn.shard(Net(key=jax.random.key(9)), mesh, NET_RULES)
+    loaded = treenn.load(path, like)
+    assert statuses(loaded) == statuses(sharded)  # frozen weight, buffers
+    saved = arrays(sharded)
+    for name, x in arrays(loaded).items():
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(saved[name]), name)
+    same_sharding(loaded, sharded, "loaded model")
+    assert_placed(loaded, mesh, {k: v for k, v in NET_RULES.items() if k != "**"})
+
+    # Another placement of the same model: each array goes where `like`'s is.
+    replicated = treenn.load(path, treenn.shard(Net(key=jax.random.key(9)), mesh))
+    assert_placed(replicated, mesh, {})
+    single = treenn.load(path, Net(key=jax.random.key(9)))
+    for name, x in arrays(single).items():
+        assert len(x.sharding.device_set) == 1, name
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(saved[name]), name)
