@@ -195,6 +195,13 @@ def test_fsdp_placement_training_and_optimizer_state_follow_the_rules(vit_run):
     same_sharding(grads_of(result[2]), sharded, "optimiser state after the step")
 
 
+def test_inside_a_compiled_step_shard_constrains_the_outputs(vit_run):
+    model = treenn.shard(vit_run[0], MESH)  # replicated in, FSDP out
+    out = treenn.jit(lambda m: treenn.shard(m, MESH, FSDP))(model)
+    assert_placed(out, MESH, {n: P("data") for n in arrays(model) if n.endswith(".weight")})
+    assert statuses(out) == statuses(model)
+
+
 def test_tensor_parallel_placement_and_training_match_single_device(vit_run):
     model, batch, key, single = vit_run
     sharded = treenn.shard(model, MESH, TENSOR_PARALLEL)

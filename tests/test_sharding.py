@@ -1,0 +1,223 @@
+"""`treenn.shard`: placement by rules in the `where=` language, and its errors.
+
+Here, on the one device this process has; the multi-device cases (data parallel, FSDP,
+tensor parallel, checkpoints, against the single-device run) are in sharding_cases.py,
+run below in a subprocess with 8 simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import NET_BUFFERS, NET_PARAMS, Net, statuses
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import treenn
+import treenn.nn as nn
+from treenn._tree import dotted, flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = Path(__file__).with_name("sharding_cases.py")
+
+
+def specs(tree: object) -> dict[str, object]:
+    """Dotted path -> the PartitionSpec of every array (marks unwrapped)."""
+    paths, leaves, _ = flatten(tree)
+    out = {}
+    for path, leaf in zip(paths, leaves):
+        value = getattr(leaf, "value", leaf)
+        if isinstance(value, jax.Array):
+            assert isinstance(value.sharding, NamedSharding), dotted(path)
+            out[dotted(path)] = value.sharding.spec
+    return out
+
+
+@pytest.fixture
+def mesh() -> jax.sharding.Mesh:
+    return jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
+# -- placement ----------------------------------------------------------------------------
+
+
+def test_no_rules_replicates_every_array_keeping_status_and_values(net, mesh):
+    model = treenn.freeze(net, "backbone.layers.0")
+    placed = treenn.shard(model, mesh)
+    assert specs(placed) == {p: P() for p in NET_PARAMS | NET_BUFFERS}
+    assert statuses(placed) == statuses(model)  # frozen arrays and buffers keep marks
+    assert placed.backbone.layers[3].p == net.backbone.layers[3].p  # non-arrays kept
+    paths, leaves, _ = flatten(placed)
+    for path, x, y in zip(paths, leaves, flatten(model)[1]):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), dotted(path))
+
+
+def test_first_matching_rule_wins(net, mesh):
+    rules = {
+        "head.weight": P("model", "data"),
+        "**.weight": P("data"),
+        "**.running_*": P("model"),
+        "**": P(),
+    }
+    got = specs(treenn.shard(net, mesh, rules))
+    assert got["head.weight"] == P("model", "data")
+    assert got["backbone.layers.0.weight"] == P("data")
+    assert got["backbone.layers.1.weight"] == P("data")
+    assert got["backbone.layers.1.running_mean"] == P("model")
+    assert got["head.bias"] == got["backbone.layers.4.bias"] == P()
+
+
+def test_rules_take_every_kind_of_selector(net, mesh):
+    rules = {nn.BatchNorm: P("model"), (lambda m: m.head): P("data"), None: P()}
+    got = specs(treenn.shard(net, mesh, rules))
+    assert got["backbone.layers.1.running_var"] == got["backbone.layers.1.bias"] == P("model")
+    assert got["head.weight"] == got["head.bias"] == P("data")
+    assert got["backbone.layers.0.weight"] == P()
+
+
+def test_one_spec_places_a_batch(mesh):
+    x, y = treenn.shard((jnp.ones((4, 3)), jnp.arange(4)), mesh, P("data"))
+    assert x.sharding == NamedSharding(mesh, P("data")) == y.sharding
+    placed = treenn.shard({"image": np.ones((2, 3), np.float32)}, mesh, P(None, "model"))
+    assert placed["image"].sharding.spec == P(None, "model")
+
+
+def test_load_places_arrays_like_a_sharded_like(tmp_path, net, mesh):
+    path = tmp_path / "net.safetensors"
+    treenn.save(path, net)
+    rules = {"**.weight": P("data"), "**": P("model")}
+    loaded = treenn.load(path, treenn.shard(Net(key=jax.random.key(5)), mesh, rules))
+    assert specs(loaded) == specs(treenn.shard(net, mesh, rules))
+    np.testing.assert_array_equal(loaded.head.weight, net.head.weight)
+    plain = treenn.load(path, Net(key=jax.random.key(5)))  # unsharded like: unchanged
+    assert not isinstance(plain.head.weight.sharding, NamedSharding)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def test_rule_value_that_is_not_a_partition_spec(net, mesh):
+    with pytest.raises(TypeError, match=r"rule 'head\.\*' maps to \('data',\) \(tuple\), not a"):
+        treenn.shard(net, mesh, {"head.*": ("data",), "**": P()})
+
+
+def test_unknown_mesh_axis_names_axis_rule_and_mesh_axes(net, mesh):
+    with pytest.raises(
+        ValueError, match=r"rule '\*\*' \(P\('batch',\)\) uses mesh axis 'batch'.*'data', 'model'"
+    ):
+        treenn.shard(net, mesh, {"**": P("batch")})
+
+
+def test_bad_spec_entries(net, mesh):
+    with pytest.raises(ValueError, match=r"uses mesh axis 'data' twice"):
+        treenn.shard(net, mesh, {"**": P("data", "data")})
+    with pytest.raises(ValueError, match=r"has entry 1; each entry must be None, a mesh axis"):
+        treenn.shard(net, mesh, {"**": P(1)})
+
+
+def test_spec_longer_than_the_rank_names_path_shape_and_rule(net, mesh):
+    with pytest.raises(
+        ValueError,
+        match=r"'head\.bias' has shape \(3,\) \(rank 1\), but rule 'head\.\*' gives "
+        r"P\(None, 'model'\) for 2 dimensions",
+    ):
+        treenn.shard(net, mesh, {"head.*": P(None, "model"), "**": P()})
+
+
+def test_unmatched_arrays_are_named(net, mesh):
+    with pytest.raises(
+        ValueError, match=r"no rule matches 'backbone\.layers\.0\.weight'.*catch-all.*\"\*\*\": P"
+    ) as err:
+        treenn.shard(net, mesh, {"head.*": P()})
+    assert "'head.weight'" not in str(err.value).split("; rules")[0]
+
+
+def test_rule_that_matches_nothing_is_named(net, mesh):
+    with pytest.raises(ValueError, match=r"rule 'blocks\.\*\.attn\.qkv\.weight' matches no array"):
+        treenn.shard(net, mesh, {"blocks.*.attn.qkv.weight": P("model"), "**": P()})
+
+
+def test_rule_shadowed_by_an_earlier_one_is_named(net, mesh):
+    with pytest.raises(
+        ValueError,
+        match=r"rule '\*\*\.weight' is never used: .*'head\.weight'.* placed by an earlier "
+        r"rule \('\*\*'\); put the more specific rule first",
+    ):
+        treenn.shard(net, mesh, {"**": P(), "**.weight": P("data")})
+
+
+def test_bad_selector_in_a_rule(net, mesh):
+    with pytest.raises(ValueError, match=r"unsupported character"):
+        treenn.shard(net, mesh, {"head.[0]": P(), "**": P()})
+
+
+def test_bad_rules_and_mesh_types(net, mesh):
+    with pytest.raises(TypeError, match="rules"):
+        treenn.shard(net, mesh, [("**", P())])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="mesh"):
+        treenn.shard(net, "mesh", None)  # type: ignore[arg-type]
+
+
+def test_module_arrays_over_explicit_axes_are_refused(net):
+    explicit = jax.make_mesh((1,), ("data",))  # jax.make_mesh's default: Explicit axes
+    with pytest.raises(
+        ValueError, match=r"'backbone\.layers\.0\.weight' over mesh axis 'data', which is Explicit"
+    ):
+        treenn.shard(net, explicit, {"**.weight": P("data"), "**": P()})
+    # Replicated models and batches are fine on Explicit axes (data parallelism).
+    assert specs(treenn.shard(net, explicit)) == {p: P() for p in NET_PARAMS | NET_BUFFERS}
+    assert treenn.shard(jnp.ones((2, 3)), explicit, P("data")).sharding.spec == P("data")
+
+
+# -- 8 simulated devices, in a subprocess ------------------------------------------------
+
+CASE_NAMES = re.findall(r"^def (test_\w+)", CASES.read_text(), re.M)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str | None], str]:
+    """Run sharding_cases.py under pytest (same strict conftest) with 8 CPU devices:
+    `({case: None if passed else its failure}, output)`."""
+    report = tmp_path_factory.mktemp("sharding") / "report.xml"
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip(),
+        "JAX_PLATFORMS": "cpu",  # the simulated devices are CPU ones, even beside a GPU
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    command = [sys.executable, "-m", "pytest", "-q", str(CASES), f"--junitxml={report}"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout[-6000:] + result.stderr[-3000:]
+    outcomes: dict[str, str | None] = {}
+    if report.exists():
+        for case in ET.parse(report).iter("testcase"):
+            problem = case.find("failure")
+            if problem is None:
+                problem = case.find("error")
+            if problem is None and case.find("skipped") is not None:
+                problem = case.find("skipped")
+            outcomes[case.get("name", "")] = (
+                None if problem is None else (problem.text or problem.get("message", "failed"))
+            )
+    return outcomes, output
+
+
+def test_the_cases_are_found():
+    assert len(CASE_NAMES) >= 5, CASE_NAMES
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_on_eight_simulated_devices(eight_devices, case):
+    outcomes, output = eight_devices
+    assert case in outcomes, f"{case} did not run; subprocess output:\n{output}"
+    problem = outcomes[case]
+    assert problem is None, f"{case} failed on 8 devices:\n{problem}"
