@@ -1,0 +1,458 @@
+"""`treenn.load_torch`: torchvision's ResNet-18/50 and timm's ViT (hand-written in
+torch_reference.py, randomly initialised, BatchNorm statistics included) give the same
+logits once loaded, and the same BatchNorm running statistics after a training step;
+fused and split attention projections; Equinox layers; state dicts, .pt and .safetensors
+files; strictness, reports, frozen status and buffers; every bad input's error."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+import safetensors.numpy
+import torch
+import torch_reference as ref
+from conftest import NET_BUFFERS, NET_PARAMS, Net, optax_promotion, paths_with, statuses
+
+import treenn
+import treenn.nn as nn
+from treenn import models
+from treenn._tree import dotted, flatten
+
+TOL = 1e-4
+
+
+def close(got: Any, want: Any, tol: float = TOL) -> None:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
+
+
+def arrays(model: Any) -> dict[str, np.ndarray]:
+    """Dotted path -> value of every array in a treenn model (marks unwrapped)."""
+    paths, leaves, _ = flatten(model)
+    return {dotted(p): np.asarray(x) for p, x in zip(paths, leaves)}
+
+
+def nhwc(x: torch.Tensor) -> jax.Array:
+    return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def abstract(factory: Any, *args: Any, **kwargs: Any) -> Any:
+    """A zoo model built by `jax.eval_shape`: shapes only, nothing initialised."""
+    return jax.eval_shape(lambda k: factory(*args, key=k, **kwargs), jax.random.key(1))
+
+
+@functools.cache
+def resnets(name: str) -> tuple[torch.nn.Module, Any]:
+    """A randomised torchvision-style ResNet and the treenn zoo model loaded from its
+    state dict (shared: tests copy the torch model before training it)."""
+    reference = ref.randomise(getattr(ref, name)(10)).eval()
+    model = treenn.load_torch(abstract(getattr(models, name), 10), reference.state_dict())
+    return reference, model
+
+
+# Compiled once per model (far faster than op by op for a whole ResNet).
+forward = treenn.jit(lambda model, x: model(x))
+train_forward = treenn.jit(lambda model, x: treenn.apply(model, x))
+
+
+# -- torchvision ResNets --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_logits_match_torchvision_in_eval_mode(name):
+    reference, model = resnets(name)
+    x = images(2, 32)
+    with torch.no_grad():
+        want = reference(x).numpy()
+    close(forward(nn.eval_mode(model), nhwc(x)), want)
+    # Everything was loaded, BatchNorm buffers as buffers: nothing of the model's own
+    # initialisation is left.
+    state = reference.state_dict()
+    for path, value in arrays(model).items():
+        np.testing.assert_array_equal(value, state[path].numpy(), err_msg=path)
+    assert paths_with(model, "buffer") == {k for k in state if k.endswith(("_mean", "_var"))}
+
+
+def bn_statistics(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in module.state_dict().items() if k.endswith(("_mean", "_var"))}
+
+
+def test_resnet50_batchnorm_statistics_match_after_a_training_forward():
+    # A training step updates the running statistics in its forward pass (the gradient
+    # never touches them); ResNet-18 below runs the whole step.
+    reference, model = resnets("resnet50")
+    reference = copy.deepcopy(reference).train()  # the shared one stays as it is
+    x = images(4, 64, seed=1)
+    with torch.no_grad():
+        want = reference(x).numpy()
+    logits, updated = train_forward(nn.train_mode(model), nhwc(x))
+    close(logits, want)
+    got = arrays(updated)
+    stats = bn_statistics(reference)
+    for path, value in stats.items():
+        close(got[path], value)
+    changed = [p for p in stats if not np.array_equal(got[p], arrays(model)[p])]
+    assert len(changed) == len(stats)  # every statistic moved, and moved the same way
+
+
+def test_resnet18_one_sgd_step_matches_torch_statistics_and_weights():
+    reference, model = resnets("resnet18")
+    reference = copy.deepcopy(reference).train()
+    x, y = images(4, 32, seed=2), torch.tensor([1, 2, 3, 4])
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.01)
+    loss = torch.nn.functional.cross_entropy(reference(x), y)
+    loss.backward()
+    sgd.step()
+
+    tx = optax.sgd(0.01)
+    xent = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    with optax_promotion():
+        step = treenn.train_step(xent, tx)
+        model, _, got_loss = step(model, tx.init(treenn.trainable(model)), nhwc(x), y.numpy())
+    close(got_loss, loss.item())
+    got, state = arrays(model), reference.state_dict()
+    for path in got:
+        close(got[path], state[path].numpy())
+
+
+# -- timm ViTs ----------------------------------------------------------------------------
+
+VIT = dict(img_size=16, patch_size=4, depth=2)
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [ref.Attention, ref.BeitAttention, ref.EvaAttention],
+    ids=["fused-qkv", "beit-q_bias-v_bias", "eva-q_proj-k_proj-v_proj"],
+)
+def test_vit_logits_match_timm(attention):
+    reference = ref.VisionTransformer(
+        num_classes=5, embed_dim=48, num_heads=3, attn_layer=attention, **VIT
+    )
+    reference = ref.randomise(reference).eval()
+    model = abstract(models.vit_tiny, 5, dim=48, num_heads=3, **VIT)
+    model = treenn.load_torch(model, reference.state_dict())
+    x = images(2, 16)
+    with torch.no_grad():
+        want = reference(x).numpy()
+    close(forward(nn.eval_mode(model), nhwc(x)), want)
+    if attention is ref.BeitAttention:  # the unsaved key bias is zero in the merged bias
+        bias = np.asarray(model.blocks[0].attn.qkv.bias)
+        np.testing.assert_array_equal(bias[48:96], 0.0)
+        np.testing.assert_array_equal(bias[:48], reference.blocks[0].attn.q_bias.detach())
+
+
+# -- small models: PyTorch twins of conftest's Net -------------------------------------------
+
+
+class TorchNet(torch.nn.Module):
+    """conftest's Net in PyTorch (channels-first), same names."""
+
+    def __init__(self, classes: int = 3, momentum: float | None = 0.1):
+        super().__init__()
+        self.backbone = torch.nn.Module()
+        self.backbone.layers = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1),
+            torch.nn.BatchNorm2d(4, momentum=momentum),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.25),
+            torch.nn.Conv2d(4, 4, 3, padding=1),
+        )
+        self.head = torch.nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(self.backbone.layers(x).mean(dim=(2, 3)))
+
+
+@functools.cache
+def torch_net() -> TorchNet:
+    return ref.randomise(TorchNet()).eval()
+
+
+def net_state() -> dict[str, torch.Tensor]:
+    return dict(torch_net().state_dict())
+
+
+def test_state_dict_of_a_custom_module_loads_and_computes_the_same(net):
+    state = net_state()
+    assert "backbone.layers.1.num_batches_tracked" in state  # ignored: the model has none
+    model = treenn.load_torch(net, state)
+    x = images(2, 5)
+    with torch.no_grad():
+        want = torch_net()(x).numpy()
+    close(nn.eval_mode(model)(nhwc(x)), want)
+
+
+def test_loaded_arrays_do_not_share_memory_with_the_tensors(net):
+    source = ref.randomise(TorchNet())
+    model = treenn.load_torch(net, source.state_dict())
+    before = arrays(model)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)  # what an optimiser step on the torch model does
+    for path, value in arrays(model).items():
+        np.testing.assert_array_equal(value, before[path])
+
+
+def test_frozen_arrays_and_buffers_keep_their_status(net):
+    model = nn.eval_mode(treenn.freeze(net, "backbone.**"), "backbone.**", pin=True)
+    loaded = treenn.load_torch(model, net_state())
+    assert statuses(loaded) == statuses(model)
+    assert paths_with(loaded, "frozen") == NET_PARAMS - {"head.weight", "head.bias"}
+    assert paths_with(loaded, "buffer") == NET_BUFFERS
+    assert nn.modes(loaded) == nn.modes(model)
+    for path, value in arrays(loaded).items():
+        np.testing.assert_array_equal(value, net_state()[path].numpy(), err_msg=path)
+
+
+def test_num_batches_tracked_loads_into_a_cumulative_batchnorm():
+    torch_bn = torch.nn.BatchNorm2d(4, momentum=None)
+    ref.randomise(torch_bn)
+    bn = treenn.load_torch(nn.BatchNorm(4, momentum=None), torch_bn.state_dict())
+    assert int(bn.num_batches_tracked) == 7 and bn.num_batches_tracked.dtype == jnp.int32
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(4))
+    torch_bn.train()
+    with torch.no_grad():
+        torch_bn(x)
+    _, bn = treenn.apply(bn, nhwc(x))
+    state = torch_bn.state_dict()
+    close(bn.running_mean, state["running_mean"])
+    close(bn.running_var, state["running_var"])
+    assert int(bn.num_batches_tracked) == 8
+
+
+# -- attention layouts ------------------------------------------------------------------------
+
+
+@functools.cache
+def torch_attention() -> torch.nn.MultiheadAttention:
+    return ref.randomise(torch.nn.MultiheadAttention(8, 2, batch_first=True)).eval()
+
+
+def test_torch_multihead_attention_loads_into_treenn_as_it_is(key):
+    mha = treenn.load_torch(nn.MultiheadAttention(8, 2, key=key), torch_attention().state_dict())
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, _ = torch_attention()(x, x, x, need_weights=False)
+    close(nn.eval_mode(mha)(jnp.asarray(x.numpy())), want.numpy())
+
+
+def test_fused_in_proj_splits_into_equinox_multihead_attention(key):
+    mha = eqx.nn.MultiheadAttention(
+        2,
+        8,
+        use_query_bias=True,
+        use_key_bias=True,
+        use_value_bias=True,
+        use_output_bias=True,
+        key=key,
+    )
+    mha = treenn.load_torch(mha, torch_attention().state_dict())
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, _ = torch_attention()(x[None], x[None], x[None], need_weights=False)
+    xj = jnp.asarray(x.numpy())
+    close(mha(xj, xj, xj), want[0].numpy())
+
+
+def test_split_projections_need_all_their_parts(key):
+    # A fused array cannot be assembled without its query part; strict says so.
+    state = {k: v for k, v in torch_attention().state_dict().items()}
+    w = state.pop("in_proj_weight")
+    state["k_proj_weight"], state["v_proj_weight"] = w[8:16], w[16:]
+    with pytest.raises(treenn.CheckpointError) as err:
+        treenn.load_torch(nn.MultiheadAttention(8, 2, key=key), state)
+    assert "missing from the state dict (1): 'in_proj_weight'" in str(err.value)
+    assert "'k_proj_weight', 'v_proj_weight'" in str(err.value)
+    # With the query part, the three merge.
+    state["q_proj_weight"] = w[:8]
+    mha = treenn.load_torch(nn.MultiheadAttention(8, 2, key=key), state)
+    np.testing.assert_array_equal(mha.in_proj_weight, w.numpy())
+
+
+def test_equinox_convolution_bias_is_reshaped(key):
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    ref.randomise(conv)
+    layer = treenn.load_torch(eqx.nn.Conv2d(3, 4, 3, padding=1, key=key), conv.state_dict())
+    assert layer.bias.shape == (4, 1, 1)
+    x = images(1, 5)
+    with torch.no_grad():
+        want = conv(x)[0].numpy()
+    close(layer(jnp.asarray(x[0].numpy())), want)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
+def test_files_round_trip(tmp_path, net, suffix):
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        safetensors.numpy.save_file({k: v.numpy() for k, v in net_state().items()}, str(path))
+    else:
+        torch.save(net_state(), path)
+    loaded = treenn.load_torch(net, path)
+    for name, value in arrays(loaded).items():
+        np.testing.assert_array_equal(value, net_state()[name].numpy())
+    assert treenn.load_torch(net, str(path)) is not None  # str paths too
+
+
+def test_safetensors_needs_no_torch_but_pt_files_do(tmp_path, net, monkeypatch):
+    st, pt = tmp_path / "w.safetensors", tmp_path / "w.pt"
+    safetensors.numpy.save_file({k: v.numpy() for k, v in net_state().items()}, str(st))
+    torch.save(net_state(), pt)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    treenn.load_torch(net, st)
+    with pytest.raises(ImportError, match=r"w\.pt.*needs torch.*treenn\[torch\]"):
+        treenn.load_torch(net, pt)
+
+
+def test_bfloat16_tensors_convert_bit_exactly(key):
+    linear = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    ref.randomise(linear)
+    model = treenn.load_torch(nn.Linear(4, 3, dtype=jnp.bfloat16, key=key), linear.state_dict())
+    bits = linear.weight.detach().view(torch.int16).numpy()
+    np.testing.assert_array_equal(np.asarray(model.weight).view(np.int16), bits)
+    # ...and are cast to a float32 model's dtype, as load_state_dict copies.
+    model = treenn.load_torch(nn.Linear(4, 3, key=key), linear.state_dict())
+    assert model.weight.dtype == jnp.float32
+    close(model.weight, linear.weight.detach().float().numpy(), tol=0)
+    assert np.asarray(model.weight).astype(ml_dtypes.bfloat16).view(np.int16).tolist() == (
+        bits.tolist()
+    )
+
+
+# -- strictness and reports -------------------------------------------------------------------
+
+
+def test_strict_lists_every_missing_unexpected_and_misshaped_key(net):
+    state = net_state()
+    del state["backbone.layers.4.bias"]
+    del state["head.bias"]
+    state["extra.weight"] = torch.zeros(2)
+    state["backbone.layers.0.weight"] = torch.zeros(4, 3, 5, 5)
+    with pytest.raises(treenn.CheckpointError) as err:
+        treenn.load_torch(net, state)
+    message = str(err.value)
+    assert "missing from the state dict (2): 'backbone.layers.4.bias', 'head.bias'" in message
+    assert "unexpected, not in the model (1): 'extra.weight'" in message
+    assert (
+        "mis-shaped (1): 'backbone.layers.0.weight': state dict float32[4, 3, 5, 5], "
+        "model float32[4, 3, 3, 3]" in message
+    )
+    assert "strict=False" in message
+
+
+def test_a_dtype_of_another_kind_is_misshaped(net):
+    state = net_state()
+    state["head.weight"] = torch.zeros(3, 4, dtype=torch.int64)
+    with pytest.raises(treenn.CheckpointError, match=r"'head.weight': state dict int64\[3, 4\]"):
+        treenn.load_torch(net, state)
+
+
+def test_non_strict_keeps_a_new_head_and_reports(key):
+    new = Net(key=key, classes=5)
+    model, report = treenn.load_torch(new, net_state(), strict=False, report=True)
+    assert report.skipped == ["head.weight", "head.bias"]
+    assert report.missing == [] and report.unexpected == []
+    everything = paths_with(new, "trainable") | paths_with(new, "buffer")
+    assert set(report.loaded) == everything - {"head.weight", "head.bias"}
+    np.testing.assert_array_equal(model.head.weight, new.head.weight)
+    np.testing.assert_array_equal(
+        model.backbone.layers[0].weight, net_state()["backbone.layers.0.weight"].numpy()
+    )
+    # strict (the default) refuses the same.
+    with pytest.raises(treenn.CheckpointError, match=r"mis-shaped \(2\)"):
+        treenn.load_torch(new, net_state())
+
+
+def test_non_strict_reports_missing_and_unexpected(net):
+    state = net_state()
+    del state["head.bias"]
+    state["old_head.weight"] = torch.zeros(1)
+    model, report = treenn.load_torch(net, state, strict=False, report=True)
+    assert report.missing == ["head.bias"] and report.unexpected == ["old_head.weight"]
+    np.testing.assert_array_equal(model.head.bias, net.head.bias)
+
+
+def test_an_abstract_model_must_be_filled_entirely():
+    state = {k: v for k, v in net_state().items() if k != "head.bias"}
+    model = jax.eval_shape(lambda k: Net(key=k), jax.random.key(0))
+    with pytest.raises(treenn.CheckpointError, match=r"abstract .* does not fill 1 .*'head.bias'"):
+        treenn.load_torch(model, state, strict=False)
+    loaded = treenn.load_torch(model, net_state())
+    assert statuses(loaded) == statuses(Net(key=jax.random.key(0)))
+
+
+def test_nothing_in_common_is_an_error_even_when_not_strict(net):
+    with pytest.raises(treenn.CheckpointError, match="no array of the state dict fits"):
+        treenn.load_torch(net, {"other.weight": np.zeros(3, np.float32)}, strict=False)
+
+
+def test_a_wrapper_prefix_gets_a_hint(net):
+    state = {"module." + k: v for k, v in net_state().items()}
+    with pytest.raises(treenn.CheckpointError, match=r"starts with 'module\.'"):
+        treenn.load_torch(net, state)
+
+
+# -- bad inputs ----------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path, net):
+    with pytest.raises(FileNotFoundError, match=r"no file at .*nothing\.pt"):
+        treenn.load_torch(net, tmp_path / "nothing.pt")
+
+
+def test_unknown_extension(tmp_path, net):
+    path = tmp_path / "weights.npz"
+    path.write_bytes(b"data")
+    with pytest.raises(treenn.CheckpointError, match=r"extension '\.npz'.*\.pt.*\.safetensors"):
+        treenn.load_torch(net, path)
+
+
+def test_pt_file_without_a_dict(tmp_path, net):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(treenn.CheckpointError, match=r"list\.pt' holds a list, not a state dict"):
+        treenn.load_torch(net, path)
+
+
+def test_pt_file_with_a_whole_pickled_model(tmp_path, net):
+    path = tmp_path / "model.pt"
+    torch.save(TorchNet(), path)
+    with pytest.raises(treenn.CheckpointError, match=r"weights_only=True\) failed"):
+        treenn.load_torch(net, path)
+
+
+def test_corrupt_safetensors_file(tmp_path, net):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x01")
+    with pytest.raises(treenn.CheckpointError, match="truncated"):
+        treenn.load_torch(net, path)
+
+
+def test_training_checkpoint_gets_a_hint(net):
+    checkpoint = {"epoch": 3, "state_dict": net_state()}
+    with pytest.raises(
+        treenn.CheckpointError, match=r"'epoch' \(int\).*pass its 'state_dict' entry"
+    ):
+        treenn.load_torch(net, checkpoint)
+
+
+def test_neither_a_state_dict_nor_a_path(net):
+    # The runtime checker (on in the tests) or load_torch itself rejects it.
+    with pytest.raises(TypeError):
+        treenn.load_torch(net, [("head.weight", np.zeros((3, 4), np.float32))])
