@@ -102,19 +102,28 @@ def vit_batch(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x, jax.random.randint(jax.random.fold_in(key, 1), (8,), 0, 8)
 
 
-def train(model: Any, batch: Any, key: jax.Array) -> tuple[Any, Any, Any, jax.Array]:
-    """One `treenn.train_step`, unchanged: `(initial opt state, model, opt state, loss)`."""
+def train(
+    model: Any, batch: Any, key: jax.Array, mesh: Any = None, rules: Any = None, step: Any = None
+) -> tuple[Any, Any, Any, jax.Array]:
+    """One training step, `treenn.train_step` unless `step` is given: `(initial optimiser
+    state, model, optimiser state, loss)`. On a mesh, the optimiser state is placed by
+    `rules` first (`tx.init` leaves its step count on one device), and the outputs are
+    fed back for a second step, as in a training loop."""
+    step = step or treenn.train_step(step_loss, TX)
     with optax_promotion():
         opt_state = TX.init(treenn.trainable(model))
-        return (opt_state, *treenn.train_step(step_loss, TX)(model, opt_state, *batch, key))
+        if mesh is not None:
+            opt_state = treenn.shard(opt_state, mesh, rules)
+        result = (opt_state, *step(model, opt_state, *batch, key))
+        if mesh is not None:
+            assert np.isfinite(step(result[1], result[2], *batch, key)[2])
+    return result
 
 
-def train_placed(
-    model: Any, batch: Any, key: jax.Array, rules: dict[str, P]
-) -> tuple[Any, Any, Any, jax.Array]:
-    """As `train`, with the README's hand-written step, whose outputs are constrained by
-    `treenn.shard` (a sharding constraint inside a compiled step): the placement the
-    rules give comes back, instead of wherever XLA's propagation would move an array."""
+def placed_step(rules: dict[str, P]) -> Any:
+    """The README's hand-written step, with its outputs constrained by `treenn.shard` (a
+    sharding constraint inside a compiled step): the placement the rules give comes back,
+    instead of wherever XLA's propagation would move an array."""
 
     def loss_and_model(m: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> Any:
         logits, m = treenn.apply(m, x, key=key)
@@ -127,9 +136,7 @@ def train_placed(
         m = treenn.apply_updates(m, updates)
         return treenn.shard(m, MESH, rules), treenn.shard(opt_state, MESH, rules), loss
 
-    with optax_promotion():
-        opt_state = TX.init(treenn.trainable(model))
-        return (opt_state, *step(model, opt_state, *batch, key))
+    return step
 
 
 def assert_same_step(sharded: Any, single: Any) -> None:
@@ -155,7 +162,7 @@ def test_data_parallel_step_matches_single_device_with_global_batchnorm_statisti
     assert xs.sharding.spec == P("data") and ys.sharding.spec == P("data")
     assert {s.data.shape for s in xs.addressable_shards} == {(2, 5, 5, 3)}
 
-    single, sharded = train(model, (x, y), key), train(replicated, (xs, ys), key)
+    single, sharded = train(model, (x, y), key), train(replicated, (xs, ys), key, mesh)
     assert len(sharded[3].sharding.device_set) == 8  # it ran on the mesh
     assert_same_step(sharded, single)
     # Running statistics of the global batch of 16: a device's own 2 images would give
@@ -202,10 +209,13 @@ def test_fsdp_placement_training_and_optimizer_state_follow_the_rules(vit_run):
     assert {s.data.shape for s in qkv.addressable_shards} == {(12, 16)}  # a quarter each
     assert statuses(sharded) == statuses(model)  # frozen arrays stay frozen
 
+    with optax_promotion():
+        same_sharding(grads_of(TX.init(treenn.trainable(sharded))), sharded, "tx.init's state")
+
     # The rules place the optimiser state too: its paths are the parameters' behind a
     # prefix ("0.trace.blocks.0.attn.qkv.weight"), which "**.weight" matches.
-    result = train_placed(sharded, treenn.shard(batch, MESH, P("data")), key, FSDP)
-    same_sharding(grads_of(result[0]), sharded, "optimiser state from tx.init")
+    sharded_batch = treenn.shard(batch, MESH, P("data"))
+    result = train(sharded, sharded_batch, key, MESH, FSDP, placed_step(FSDP))
     assert_same_step(result, single)
     same_sharding(result[1], sharded, "trained model")  # placed as the rules say
     same_sharding(grads_of(result[2]), sharded, "optimiser state after the step")
@@ -234,7 +244,7 @@ def test_tensor_parallel_placement_and_training_match_single_device(vit_run):
     assert {s.data.shape for s in fc2.addressable_shards} == {(16, 32)}
 
     # treenn.train_step as it is: the same numbers as on one device.
-    result = train(sharded, treenn.shard(batch, MESH, P("data")), key)
+    result = train(sharded, treenn.shard(batch, MESH, P("data")), key, MESH, TENSOR_PARALLEL)
     assert_same_step(result, single)
 
 
