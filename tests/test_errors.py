@@ -106,6 +106,8 @@ def _damage(folder: Path, ckpt: Path) -> dict[str, Path]:
     for name, content in raw.items():
         paths[name] = folder / f"{name}.safetensors"
         paths[name].write_bytes(content)
+    paths["npz"] = folder / "npz.npz"  # a format no loader reads
+    paths["npz"].write_bytes(b"PK")
     return paths
 
 
@@ -802,6 +804,54 @@ CASES = [
         TypeError,
         r"treenn\.load_pretrained: like is the class Net",
     ),
+    # -- PyTorch state dicts -----------------------------------------------------------------
+    case(
+        "load_torch/state-dict-of-another-model",
+        lambda w: treenn.load_torch(w.net, {"weight": np.ones((2, 2)), "bias": np.ones(2)}),
+        CheckpointError,
+        r"load_torch: the state dict does not fit the model.*\n.*missing from the state dict "
+        r"\(10\): 'backbone\.layers\.0\.weight'(.|\n)*unexpected, not in the model \(2\): "
+        r"'bias', 'weight'",
+    ),
+    case(
+        "load_torch/mis-shaped-array",
+        lambda w: treenn.load_torch(
+            w.linear, {"weight": np.ones((3, 2), np.float32), "bias": np.ones(2, np.float32)}
+        ),
+        CheckpointError,
+        r"mis-shaped \(1\): 'weight': state dict float32\[3, 2\], model float32\[2, 2\]",
+    ),
+    case(
+        "load_torch/training-checkpoint-instead-of-state-dict",
+        lambda w: treenn.load_torch(w.linear, {"model": {"weight": np.ones((2, 2))}, "epoch": 3}),
+        CheckpointError,
+        r"the state dict is not a state dict of arrays: 'model' \(dict\), 'epoch' \(int\); "
+        r"a training checkpoint\? pass its 'model' entry",
+    ),
+    case(
+        "load_torch/non-existent-path",
+        lambda w: treenn.load_torch(w.net, w.folder / "resnet.pth"),
+        FileNotFoundError,
+        r"load_torch: no file at '.*resnet\.pth'",
+    ),
+    case(
+        "load_torch/truncated-file",
+        lambda w: treenn.load_torch(w.net, w.damaged["truncated"]),
+        CheckpointError,
+        r"'.*truncated\.safetensors' is truncated",
+    ),
+    case(
+        "load_torch/unknown-file-format",
+        lambda w: treenn.load_torch(w.net, w.damaged["npz"]),
+        CheckpointError,
+        r"load_torch: cannot tell the format of '.*npz\.npz' from its extension '\.npz'",
+    ),
+    case(
+        "load_torch/arguments-swapped",
+        lambda w: treenn.load_torch(w.ckpt, w.net),  # type: ignore[arg-type]
+        TypeError,
+        PARAM.format("state_dict_or_path"),
+    ),
     # -- sharding ------------------------------------------------------------------------------
     case(
         "shard/not-a-mesh",
@@ -1273,8 +1323,6 @@ def test_fingerprint_sees_every_kind_of_change(world: World) -> None:
 # Public names that are not functions to misuse: an exception, a result record, a type
 # alias, and the subpackages (whose names are covered one by one).
 NOT_CALLED = {"CheckpointError", "LoadReport", "Where", "models", "nn"}
-# Being written in another issue (9); its rows join this table when it lands.
-PENDING = {"load_torch"}
 
 
 def _public(module: Any) -> set[str]:
@@ -1288,6 +1336,6 @@ def _public(module: Any) -> set[str]:
 @pytest.mark.parametrize("module", [treenn, nn], ids=["treenn", "treenn.nn"])
 def test_census_covers_every_public_name(module: Any) -> None:
     covered = {param.id.split("/")[0] for param in CASES}
-    names = _public(module) - NOT_CALLED - PENDING
+    names = _public(module) - NOT_CALLED
     assert names - covered == set()
     assert all(callable(getattr(module, name)) for name in names)
