@@ -494,3 +494,17 @@ def test_pass_through_that_depends_on_shapes():
     np.testing.assert_array_equal(f(three), np.full(3, 2.0))
     assert f(two) is two  # each shape keeps its own trace's pass-through
     np.testing.assert_array_equal(f(jnp.zeros(3)), np.ones(3))
+
+
+def test_lower_traces_without_running_and_compiles(lin, x):
+    log = []
+    f = treenn.jit(traced(lambda m, x: m(x) * 2, log))
+    lowered = f.lower(lin, x)
+    assert len(log) == 1
+    flops = lowered.compile().cost_analysis()["flops"]
+    assert flops >= 2 * x.shape[0] * lin.in_features * lin.out_features  # the matmul
+    np.testing.assert_allclose(f(lin, x), lin(x) * 2, rtol=1e-6)
+    assert len(log) == 1  # the call reuses the lowering's trace
+    frozen = treenn.freeze(lin)
+    assert "dot" in f.lower(frozen, x).as_text()  # another structure: its own trace
+    np.testing.assert_allclose(f(frozen, x), lin(x) * 2, rtol=1e-6)

@@ -172,6 +172,26 @@ class _Jit:
         self._known = remember
         return out
 
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """Trace and lower for these arguments without running, as `jax.jit(f).lower`:
+        the result's `.compile()`, `.as_text()` and `.cost_analysis()` are JAX's. (Its
+        compiled executable takes treenn's internal flat argument lists: to run the
+        function, call it.)"""
+        objects: tuple[Any, ...] = args
+        if self._fn_is_arg:
+            objects = (*objects, self._fn)
+        if kwargs:
+            objects = (*objects, kwargs)
+        split = [self._split(obj, {}, {}) for obj in objects]
+        lists = [dynamic for dynamic, _, _ in split]
+        key = (len(args), bool(kwargs), *(sid for _, sid, _ in split))
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = self._compile(key)
+        if entry.by_shape is not None:
+            entry = self._shape_entry(entry, key, lists)
+        return entry.jitted.lower(*lists)
+
     def _rebuild(
         self,
         out_info: Any,
@@ -246,7 +266,7 @@ class _Jit:
             parts.append((part, sid))
         return structure, parts
 
-    def _by_shape(self, entry: _Entry, key: tuple[Any, ...], lists: list[list[Any]]) -> Any:
+    def _shape_entry(self, entry: _Entry, key: tuple[Any, ...], lists: list[list[Any]]) -> _Entry:
         # Rare: output structure depends on input shapes. One jit per shape signature,
         # so each call's output structure is the one its own trace produced.
         assert entry.by_shape is not None
@@ -254,6 +274,10 @@ class _Jit:
         sub = entry.by_shape.get(signature)
         if sub is None:
             sub = entry.by_shape[signature] = self._compile(key)
+        return sub
+
+    def _by_shape(self, entry: _Entry, key: tuple[Any, ...], lists: list[list[Any]]) -> Any:
+        sub = self._shape_entry(entry, key, lists)
         jitted = sub.jitted
 
         def call(*lists: list[Any]) -> list[list[Any]]:
@@ -353,7 +377,8 @@ def jit(fn: Callable[..., Any] | None = None, *, donate: Donate = "none") -> Any
         shown).
 
     **Returns:** the compiled function; outputs may hold anything (models included).
-    Used as `@treenn.jit` or `@treenn.jit(donate="all")`.
+    Used as `@treenn.jit` or `@treenn.jit(donate="all")`. `f.lower(*args)` traces and
+    lowers without running, as `jax.jit`'s does (`.compile()`, `.cost_analysis()`).
 
     !!! Example
 

@@ -87,13 +87,16 @@ def spread(samples: list[float]) -> str:
 
 
 class Verdicts:
-    """Collects and prints one `[met]` / `[MISSED]` line per target."""
+    """Collects and prints one `[met]` / `[MISSED]` line per target; in a smoke run
+    (`--tiny`: tiny sizes, few repeats) `[smoke]`, since its timings mean nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, smoke: bool = False) -> None:
+        self.smoke = smoke
         self.results: list[tuple[str, bool]] = []
 
     def check(self, target: str, ok: bool, measured: str) -> bool:
-        line = f"[{'met' if ok else 'MISSED'}] {target}: {measured}"
+        tag = "smoke" if self.smoke else ("met" if ok else "MISSED")
+        line = f"[{tag}] {target}: {measured}"
         self.results.append((line, ok))
         print(line)
         return ok

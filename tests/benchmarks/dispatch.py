@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> Verdicts:
     rounds, steps = (2, 5) if args.tiny else (args.rounds, args.steps)
     header(f"MLP training step, 8x64, batch 32, Adam, layer 0 frozen ({rounds} rounds)")
     results = compare(64, 8, 32, rounds=rounds, steps=steps, nnx=nnx_or_none())
-    verdicts = Verdicts()
+    verdicts = Verdicts(smoke=args.tiny)
     report(results, verdicts, "CPU MLP step")
     return verdicts
 

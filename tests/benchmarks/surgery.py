@@ -3,26 +3,31 @@
 Each block is a Linear(4, 4) + LayerNorm(4) + Dropout: 4 arrays, 4 modules, built from
 Equinox's layers so that `eqx.nn.inference_mode` runs on the very same model (it cannot
 switch treenn's layers, whose `inference` is a static field). Baselines measured in the
-same process: `eqx.nn.inference_mode`, and a bare `jax.tree_util.tree_flatten` (the
-floor for anything that visits every node). The same model built from treenn's layers
-is timed too.
+same process, interleaved with the candidates in rotating rounds: `eqx.nn.inference_mode`,
+and a bare `jax.tree_util.tree_flatten` (the floor for anything that visits every node).
+The same model built from treenn's layers is timed too.
 
-Run: `python tests/benchmarks/surgery.py [--repeats 7]`. Targets: linear growth,
+Run: `python tests/benchmarks/surgery.py [--repeats 9] [--tiny]`. Targets: linear growth,
 <= 0.1x eqx.nn.inference_mode, <= 3x tree_flatten.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.tree_util as jtu
+from _harness import Verdicts, header, interleaved, median
 
 import treenn
 import treenn.nn as nn
+
+# Growth from the small size to the large one may exceed the size ratio by this much and
+# still count as linear (timer noise, cache effects of a five times larger model).
+LINEAR_SLACK = 1.25
 
 
 class Block(treenn.Module):
@@ -52,47 +57,88 @@ def make(n: int, layers: str) -> Stack:
     return Stack(tuple(jtu.tree_map(lambda a: a + i, block) for i in range(n)))
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def check_results(model: Stack, layers: str) -> None:
+    """The timed calls do their job (a benchmark of a no-op would be meaningless)."""
+    assert all(nn.modes(nn.eval_mode(model)).values())
+    assert not jtu.tree_leaves(treenn.trainable(treenn.freeze(model)))
+    if layers == "eqx":
+        switched = eqx.nn.inference_mode(model)
+        assert all(b.dropout.inference for b in switched.blocks)
 
 
-def main() -> None:
+def measure(n: int, layers: str, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each operation on an `n`-block model."""
+    model = make(n, layers)
+    check_results(model, layers)
+    fns: dict[str, Callable[[], Any]] = {
+        "flatten": lambda: jtu.tree_flatten(model),
+        "eval_mode": lambda: nn.eval_mode(model),
+        "freeze": lambda: treenn.freeze(model),
+        "eval_mode path": lambda: nn.eval_mode(model, "blocks.*.dropout"),
+        "freeze path": lambda: treenn.freeze(model, "**.weight"),
+    }
+    if layers == "eqx":
+        fns["eqx.inference_mode"] = lambda: eqx.nn.inference_mode(model)
+    times = interleaved(fns, repeats)
+    return {name: median(ts) * 1e3 for name, ts in times.items()}
+
+
+def main(argv: list[str] | None = None) -> Verdicts:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
-    args = parser.parse_args()
-    print(f"jax {jax.__version__}, equinox {eqx.__version__}; median of {args.repeats}, ms")
-    header = (
-        f"{'blocks':>7} {'model':>14} {'flatten':>8} {'eqx.inference_mode':>19} "
-        f"{'nn.eval_mode':>13} {'treenn.freeze':>14}   ratios vs eqx / vs flatten"
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 5000])
+    parser.add_argument("--tiny", action="store_true", help="a quick smoke run, no timing value")
+    args = parser.parse_args(argv)
+    sizes, repeats = ([50, 250], 3) if args.tiny else (args.sizes, args.repeats)
+    header(f"Tree surgery on {sizes[0]} and {sizes[1]} blocks (median of {repeats}, interleaved)")
+    results = {
+        (n, layers): measure(n, layers, repeats) for n in sizes for layers in ("eqx", "treenn")
+    }
+    eqx_ms = {n: results[n, "eqx"]["eqx.inference_mode"] for n in sizes}
+    print(
+        f"{'blocks':>7} {'layers':>7} {'flatten':>8} {'eqx.inference_mode':>19} "
+        f"{'nn.eval_mode':>13} {'treenn.freeze':>14}  ratios vs eqx / vs flatten"
     )
-    print(header)
-    for n in args.sizes:
-        model = make(n, "eqx")
-        flat = timed(lambda: jtu.tree_flatten(model), args.repeats)
-        eqx_t = timed(lambda: eqx.nn.inference_mode(model), max(3, args.repeats // 2))
-        for layers in ("eqx", "treenn"):
-            model = make(n, layers)
-            flat = timed(lambda: jtu.tree_flatten(model), args.repeats)
-            ev = timed(lambda: nn.eval_mode(model), args.repeats)
-            fr = timed(lambda: treenn.freeze(model), args.repeats)
-            print(
-                f"{n:7d} {layers + ' layers':>14} {flat * 1e3:8.2f} {eqx_t * 1e3:19.1f} "
-                f"{ev * 1e3:13.2f} {fr * 1e3:14.2f}   eval_mode {ev / eqx_t:.3f} / "
-                f"{ev / flat:.2f}   freeze {fr / eqx_t:.3f} / {fr / flat:.2f}"
-            )
-        sel = timed(lambda: nn.eval_mode(model, "blocks.*.dropout"), args.repeats)
-        frs = timed(lambda: treenn.freeze(model, "**.weight"), args.repeats)
+    for (n, layers), r in results.items():
         print(
-            f"{'':22} with a path selector: eval_mode 'blocks.*.dropout' {sel * 1e3:.2f} ms "
-            f"({sel / flat:.2f}x flatten), freeze '**.weight' {frs * 1e3:.2f} ms "
-            f"({frs / flat:.2f}x flatten)"
+            f"{n:7d} {layers:>7} {r['flatten']:8.2f} {eqx_ms[n]:19.1f} {r['eval_mode']:13.2f} "
+            f"{r['freeze']:14.2f}  eval_mode {r['eval_mode'] / eqx_ms[n]:.3f} / "
+            f"{r['eval_mode'] / r['flatten']:.2f}, freeze {r['freeze'] / eqx_ms[n]:.3f} / "
+            f"{r['freeze'] / r['flatten']:.2f}"
         )
+        print(
+            f"{'':16}with a path selector: eval_mode 'blocks.*.dropout' "
+            f"{r['eval_mode path']:.2f} ms ({r['eval_mode path'] / r['flatten']:.2f}x flatten), "
+            f"freeze '**.weight' {r['freeze path']:.2f} ms "
+            f"({r['freeze path'] / r['flatten']:.2f}x flatten)"
+        )
+    verdicts = Verdicts(smoke=args.tiny)
+    small, large = sizes
+    limit = LINEAR_SLACK * large / small
+    for op in ("eval_mode", "freeze"):
+        for n in sizes:
+            ratio = results[n, "eqx"][op] / eqx_ms[n]
+            verdicts.check(
+                f"{op}, {n} blocks: <= 0.1x eqx.nn.inference_mode", ratio <= 0.1, f"{ratio:.3f}x"
+            )
+            for layers in ("eqx", "treenn"):
+                r = results[n, layers]
+                verdicts.check(
+                    f"{op}, {n} blocks of {layers} layers: <= 3x tree_flatten",
+                    r[op] / r["flatten"] <= 3,
+                    f"{r[op] / r['flatten']:.2f}x",
+                )
+        for layers in ("eqx", "treenn"):
+            growth = results[large, layers][op] / results[small, layers][op]
+            flat = results[large, layers]["flatten"] / results[small, layers]["flatten"]
+            verdicts.check(
+                f"{op} on {layers} layers grows linearly "
+                f"({small} -> {large} blocks: <= {limit:.2f}x)",
+                growth <= limit,
+                f"{growth:.2f}x (tree_flatten {flat:.2f}x, eqx.inference_mode "
+                f"{eqx_ms[large] / eqx_ms[small]:.2f}x)",
+            )
+    return verdicts
 
 
 if __name__ == "__main__":
