@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import sys
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -110,14 +110,17 @@ def test_resnet50_batchnorm_statistics_match_after_a_training_forward():
 
 def test_resnet18_one_sgd_step_matches_torch_statistics_and_weights():
     reference, model = resnets("resnet18")
+    before = arrays(model)
     reference = copy.deepcopy(reference).train()
     x, y = images(4, 32, seed=2), torch.tensor([1, 2, 3, 4])
-    sgd = torch.optim.SGD(reference.parameters(), lr=0.01)
+    # lr=1: each update is a whole gradient, so a wrong gradient cannot hide under the
+    # tolerance.
+    sgd = torch.optim.SGD(reference.parameters(), lr=1.0)
     loss = torch.nn.functional.cross_entropy(reference(x), y)
     loss.backward()
     sgd.step()
 
-    tx = optax.sgd(0.01)
+    tx = optax.sgd(1.0)
     xent = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
     with optax_promotion():
         step = treenn.train_step(xent, tx)
@@ -125,7 +128,17 @@ def test_resnet18_one_sgd_step_matches_torch_statistics_and_weights():
     close(got_loss, loss.item())
     got, state = arrays(model), reference.state_dict()
     for path in got:
-        close(got[path], state[path].numpy())
+        if path.endswith(("running_mean", "running_var")):
+            close(got[path], state[path].numpy())
+            continue
+        # Gradients through 18 layers, in float32, by other convolution algorithms,
+        # agree to ~1e-4 of each array's largest update; a layout error would be O(1).
+        want_step = state[path].numpy() - before[path]
+        scale = float(np.abs(want_step).max())
+        assert scale > 0, path
+        np.testing.assert_allclose(
+            got[path] - before[path], want_step, rtol=0, atol=1e-3 * scale, err_msg=path
+        )
 
 
 # -- timm ViTs ----------------------------------------------------------------------------
@@ -161,17 +174,17 @@ def test_vit_logits_match_timm(attention):
 class TorchNet(torch.nn.Module):
     """conftest's Net in PyTorch (channels-first), same names."""
 
-    def __init__(self, classes: int = 3, momentum: float | None = 0.1):
+    def __init__(self):
         super().__init__()
         self.backbone = torch.nn.Module()
         self.backbone.layers = torch.nn.Sequential(
             torch.nn.Conv2d(3, 4, 3, padding=1),
-            torch.nn.BatchNorm2d(4, momentum=momentum),
+            torch.nn.BatchNorm2d(4),
             torch.nn.ReLU(),
             torch.nn.Dropout(0.25),
             torch.nn.Conv2d(4, 4, 3, padding=1),
         )
-        self.head = torch.nn.Linear(4, classes)
+        self.head = torch.nn.Linear(4, 3)
 
     def forward(self, x):
         return self.head(self.backbone.layers(x).mean(dim=(2, 3)))
@@ -297,17 +310,17 @@ def test_equinox_convolution_bias_is_reshaped(key):
 # -- files --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".safetensors"])
 def test_files_round_trip(tmp_path, net, suffix):
     path = tmp_path / f"weights{suffix}"
     if suffix == ".safetensors":
         safetensors.numpy.save_file({k: v.numpy() for k, v in net_state().items()}, str(path))
     else:
         torch.save(net_state(), path)
-    loaded = treenn.load_torch(net, path)
-    for name, value in arrays(loaded).items():
-        np.testing.assert_array_equal(value, net_state()[name].numpy())
-    assert treenn.load_torch(net, str(path)) is not None  # str paths too
+    for source in (path, str(path)):
+        loaded = treenn.load_torch(net, source)
+        for name, value in arrays(loaded).items():
+            np.testing.assert_array_equal(value, net_state()[name].numpy(), err_msg=name)
 
 
 def test_safetensors_needs_no_torch_but_pt_files_do(tmp_path, net, monkeypatch):
@@ -315,7 +328,8 @@ def test_safetensors_needs_no_torch_but_pt_files_do(tmp_path, net, monkeypatch):
     safetensors.numpy.save_file({k: v.numpy() for k, v in net_state().items()}, str(st))
     torch.save(net_state(), pt)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
-    treenn.load_torch(net, st)
+    loaded = treenn.load_torch(net, st)
+    np.testing.assert_array_equal(loaded.head.weight, net_state()["head.weight"].numpy())
     with pytest.raises(ImportError, match=r"w\.pt.*needs torch.*treenn\[torch\]"):
         treenn.load_torch(net, pt)
 
@@ -329,10 +343,7 @@ def test_bfloat16_tensors_convert_bit_exactly(key):
     # ...and are cast to a float32 model's dtype, as load_state_dict copies.
     model = treenn.load_torch(nn.Linear(4, 3, key=key), linear.state_dict())
     assert model.weight.dtype == jnp.float32
-    close(model.weight, linear.weight.detach().float().numpy(), tol=0)
-    assert np.asarray(model.weight).astype(ml_dtypes.bfloat16).view(np.int16).tolist() == (
-        bits.tolist()
-    )
+    np.testing.assert_array_equal(model.weight, linear.weight.detach().float().numpy())
 
 
 # -- strictness and reports -------------------------------------------------------------------
@@ -453,6 +464,17 @@ def test_training_checkpoint_gets_a_hint(net):
 
 
 def test_neither_a_state_dict_nor_a_path(net):
-    # The runtime checker (on in the tests) or load_torch itself rejects it.
-    with pytest.raises(TypeError):
-        treenn.load_torch(net, [("head.weight", np.zeros((3, 4), np.float32))])
+    pairs = [("head.weight", np.zeros((3, 4), np.float32))]
+    with pytest.raises(TypeError):  # the tests' runtime checker rejects it first...
+        treenn.load_torch(net, pairs)
+    unchecked = inspect.unwrap(treenn.load_torch)  # ...as load_torch does without it
+    with pytest.raises(TypeError, match="expected a state dict .* got a list"):
+        unchecked(net, pairs)
+
+
+def test_numpy_and_jax_arrays_load_too(net):
+    state = {k: v.numpy() for k, v in net_state().items()}
+    state["head.weight"] = jnp.asarray(state["head.weight"])
+    loaded = treenn.load_torch(net, state)
+    for name, value in arrays(loaded).items():
+        np.testing.assert_array_equal(value, np.asarray(state[name]))
