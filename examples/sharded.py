@@ -209,7 +209,9 @@ def main() -> None:
     else:  # every process holds only its shards: gather them, then one process writes
         host = multihost_utils.process_allgather(model, tiled=True)
         if leader:
-            treenn.save(os.path.join(ARGS.out, "finetuned.safetensors"), host)
+            path = os.path.join(ARGS.out, "finetuned.safetensors")
+            treenn.save(path, host)
+            say(f"saved {path}, gathered from {jax.process_count()} processes")
 
 
 def check_against_one_device(inputs: Any, outputs: Any, tx: Any) -> None:

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -177,42 +178,80 @@ def test_module_arrays_over_explicit_axes_are_refused(net):
     assert treenn.shard(jnp.ones((2, 3)), explicit, P("data")).sharding.spec == P("data")
 
 
-# -- 8 simulated devices, in a subprocess ------------------------------------------------
+# -- 8 simulated devices, in subprocesses -----------------------------------------------
 
 CASE_NAMES = re.findall(r"^def (test_\w+)", CASES.read_text(), re.M)
 
 
 @pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str | None], str]:
-    """Run sharding_cases.py under pytest (same strict conftest) with 8 CPU devices:
-    `({case: None if passed else its failure}, output)`."""
-    report = tmp_path_factory.mktemp("sharding") / "report.xml"
-    flags = os.environ.get("XLA_FLAGS", "")
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip(),
-        "JAX_PLATFORMS": "cpu",  # the simulated devices are CPU ones, even beside a GPU
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+def launched(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, tuple[subprocess.Popen[str], Path]]]:
+    """Start sharding_cases.py (under pytest, same strict conftest) and the example side
+    by side, each with 8 simulated CPU devices: compilation is mostly single-threaded."""
+    folder = tmp_path_factory.mktemp("sharding")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    commands = {
+        "cases": (
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                str(CASES),
+                f"--junitxml={folder / 'cases.xml'}",
+            ],
+            {**env, "XLA_FLAGS": flags},
+        ),
+        # The example sets the device count itself (--devices, default 8).
+        "example": ([sys.executable, "examples/sharded.py", "--quick", "--out", str(folder)], env),
     }
-    command = [sys.executable, "-m", "pytest", "-q", str(CASES), f"--junitxml={report}"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout[-6000:] + result.stderr[-3000:]
+    started = {}
+    for name, (command, environment) in commands.items():
+        log = open(folder / f"{name}.log", "w")  # a file: a full pipe would block the run
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        log.close()
+        started[name] = (process, folder)
+    yield started
+    for process, _ in started.values():  # one the selected tests did not wait for
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def finished(launched: dict[str, tuple[subprocess.Popen[str], Path]], name: str) -> tuple[int, str]:
+    process, folder = launched[name]
+    try:
+        code = process.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = process.wait()
+    return code, (folder / f"{name}.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def eight_devices(launched) -> tuple[dict[str, str | None], str]:
+    """`({case: None if passed else its failure}, output)` of sharding_cases.py."""
+    _, output = finished(launched, "cases")
+    report = launched["cases"][1] / "cases.xml"
     outcomes: dict[str, str | None] = {}
     if report.exists():
         for case in ET.parse(report).iter("testcase"):
-            problem = case.find("failure")
-            if problem is None:
-                problem = case.find("error")
-            if problem is None and case.find("skipped") is not None:
-                problem = case.find("skipped")
+            problem = next(
+                (p for p in map(case.find, ("failure", "error", "skipped")) if p is not None), None
+            )
             outcomes[case.get("name", "")] = (
                 None if problem is None else (problem.text or problem.get("message", "failed"))
             )
-    return outcomes, output
+    return outcomes, output[-8000:]
 
 
 def test_the_cases_are_found():
-    assert len(CASE_NAMES) >= 5, CASE_NAMES
+    assert len(CASE_NAMES) >= 6, CASE_NAMES
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -221,3 +260,27 @@ def test_on_eight_simulated_devices(eight_devices, case):
     assert case in outcomes, f"{case} did not run; subprocess output:\n{output}"
     problem = outcomes[case]
     assert problem is None, f"{case} failed on 8 devices:\n{problem}"
+
+
+def test_example_fine_tunes_on_the_mesh_as_on_one_device(launched):
+    code, out = finished(launched, "example")
+    assert code == 0, out[-5000:]
+    assert "mesh: 8 devices on 1 process(es)" in out
+    total, held = map(int, re.search(r"arrays: (\d+) KiB in all, (\d+) KiB on each", out).groups())
+    assert held < total / 4, out  # FSDP: a device holds a fraction of the model
+    assert "Adam moment of layer2.0.conv1.weight: P('data',), like its parameter" in out
+    assert "after training: layer4.1.conv2.weight still P('data',)" in out
+    number = r"([0-9.]+(?:e[+-]\d+)?)"
+    check = re.search(
+        rf"loss {number} vs {number}; largest difference in gradients {number} \(largest "
+        rf"gradient {number}\), in BatchNorm statistics {number}",
+        out,
+    )
+    assert check, out
+    loss_mesh, loss_one, grad_diff, grad_max, stats_diff = map(float, check.groups())
+    assert abs(loss_mesh - loss_one) < 1e-5 and grad_diff < 1e-4 * grad_max and stats_diff < 1e-5
+    losses = [float(x) for x in re.findall(r"^step +\d+  loss ([0-9.]+)", out, re.M)]
+    assert len(losses) >= 2 and losses[-1] < losses[0], out
+    accuracy = float(re.search(r"test accuracy ([0-9.]+)", out).group(1))
+    assert accuracy > 0.15, out  # ten classes; ten steps
+    assert "saved and reloaded, values and placement identical: yes" in out
