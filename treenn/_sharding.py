@@ -68,14 +68,21 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
     names an axis the mesh lacks; `TypeError` for a rule value that is not a
     `PartitionSpec`.
 
-    Optimiser states created afterwards (`tx.init(treenn.trainable(model))`) follow the
-    parameters' sharding; `treenn.load(path, like=sharded_model)` loads into it.
+    The moments of an optimiser state created afterwards (`tx.init(treenn.trainable(
+    model))`) follow their parameters' sharding; place the state with the same rules to
+    put the rest (a step count) on the mesh too: its paths are the parameters' behind a
+    prefix (`0.mu.blocks.0.attn.qkv.weight`), so rules starting with `**` match them.
+    Inside a compiled step, `shard` is a sharding constraint (`with_sharding_constraint`):
+    applied to a step's outputs, it keeps them where the rules say. `treenn.load(path,
+    like=sharded_model)` loads each array onto its sharding.
 
     !!! Example
 
         ```python
         mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-        model = treenn.shard(model, mesh, {"**.attn.qkv.weight": P("model"), "**": P()})
+        rules = {"**.attn.qkv.weight": P(None, "model"), "**": P()}
+        model = treenn.shard(model, mesh, rules)
+        opt_state = treenn.shard(tx.init(treenn.trainable(model)), mesh, rules)
         x, y = treenn.shard((x, y), mesh, P("data"))
         ```
     """
