@@ -241,6 +241,12 @@ def report(results: dict[str, tuple[float, float]], verdicts: Verdicts, label: s
         print(f"{name:18} {s * 1e6:9.1f} {s / base_s:6.3f} {p * 1e6:13.1f} {p / base_p:6.3f}")
     for name in ("treenn.jit", "treenn.train_step"):
         s, p = results[name]
+        print(
+            f"{name} - raw: {(s - base_s) * 1e6:+.1f} us per step blocking, "
+            f"{(p - base_p) * 1e6:+.1f} us pipelined"
+        )
+    for name in ("treenn.jit", "treenn.train_step"):
+        s, p = results[name]
         verdicts.check(
             f"{label}: {name} <= 1.05x raw jax.jit",
             s / base_s <= 1.05 and p / base_p <= 1.05,
