@@ -25,8 +25,8 @@ from _harness import Verdicts, header, interleaved, median
 import treenn
 import treenn.nn as nn
 
-# Growth from the small size to the large one may exceed the size ratio by this much and
-# still count as linear (timer noise, cache effects of a five times larger model).
+# Growth from the small size to the large one may exceed linear growth by this much (timer
+# noise on a shared machine).
 LINEAR_SLACK = 1.25
 
 
@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> Verdicts:
         )
     verdicts = Verdicts(smoke=args.tiny)
     small, large = sizes
-    limit = LINEAR_SLACK * large / small
     for op in ("eval_mode", "freeze"):
         for n in sizes:
             ratio = results[n, "eqx"][op] / eqx_ms[n]
@@ -131,12 +130,14 @@ def main(argv: list[str] | None = None) -> Verdicts:
         for layers in ("eqx", "treenn"):
             growth = results[large, layers][op] / results[small, layers][op]
             flat = results[large, layers]["flatten"] / results[small, layers]["flatten"]
+            # Linear: as `tree_flatten` (a linear C++ visit) grows on this machine, or the
+            # size ratio if that is larger, with some slack for noise.
+            limit = LINEAR_SLACK * max(large / small, flat)
             verdicts.check(
-                f"{op} on {layers} layers grows linearly "
-                f"({small} -> {large} blocks: <= {limit:.2f}x)",
+                f"{op} on {layers} layers grows linearly ({small} -> {large} blocks)",
                 growth <= limit,
-                f"{growth:.2f}x (tree_flatten {flat:.2f}x, eqx.inference_mode "
-                f"{eqx_ms[large] / eqx_ms[small]:.2f}x)",
+                f"{growth:.2f}x (limit {limit:.2f}x; tree_flatten {flat:.2f}x, "
+                f"eqx.inference_mode {eqx_ms[large] / eqx_ms[small]:.2f}x)",
             )
     return verdicts
 
