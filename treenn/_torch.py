@@ -33,7 +33,7 @@ import numpy as np
 
 from ._checkpoints import CheckpointError, LoadReport, _is_array_leaf, _is_numpy, read_safetensors
 from ._status import MARK_TYPES
-from ._tree import dotted, flatten, no_gc, unflatten
+from ._tree import check_model, dotted, flatten, no_gc, unflatten
 
 T = TypeVar("T")
 Source = Mapping[str, Any] | str | os.PathLike[str]
@@ -344,6 +344,7 @@ def load_torch(
         rep.skipped   # ['fc.weight', 'fc.bias']
         ```
     """
+    check_model(model, "treenn.load_torch")
     arrays, label = _read(state_dict_or_path)
     matcher = _Matcher(arrays)
     done = _Outcome()
