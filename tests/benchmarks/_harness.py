@@ -13,7 +13,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -61,7 +61,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each function, `rounds` samples each, the functions called in
     turn in a rotating order so that the machine's drift affects them alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -78,12 +78,12 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-def spread(samples: list[float]) -> str:
-    """The interquartile range, to show how noisy a median is."""
+def spread(samples: list[float], per: int = 1) -> str:
+    """The interquartile range in ms (of `sample / per`), to show how noisy a median is."""
     if len(samples) < 4:
         return ""
     q = statistics.quantiles(samples, n=4)
-    return f"[{q[0] * 1e3:.3g}-{q[2] * 1e3:.3g} ms]"
+    return f"[{q[0] / per * 1e3:.3g}-{q[2] / per * 1e3:.3g} ms]"
 
 
 class Verdicts:

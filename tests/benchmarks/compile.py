@@ -29,7 +29,7 @@ from treenn.models import resnet18
 
 
 def time_treenn(model: Any, x: jax.Array, y: jax.Array, tx: Any) -> tuple[float, float]:
-    step = treenn.train_step(hw.xent, tx)
+    step: Any = treenn.train_step(hw.xent, tx)
     opt = tx.init(treenn.trainable(model))
     start = time.perf_counter()
     lowered = step.lower(model, opt, x, y)

@@ -22,6 +22,7 @@ weight-gradient work; Adam state bytes exactly 2x the trainable bytes.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,7 @@ class Trainer:
     """One training variant: its step, model and optimiser state, carried along."""
 
     def __init__(self, model: Any, tx: Any):
-        self.step = treenn.train_step(xent, tx)
+        self.step: Any = treenn.train_step(xent, tx)
         self.model = model
         self.opt = tx.init(treenn.trainable(model))
         self.start = model
@@ -86,9 +87,12 @@ def flops(lowered: Any) -> float:
 def unchanged(before: Any, after: Any, where: Any, *, buffers: bool = True) -> bool:
     """Whether every array under `where` (parameters, and buffers unless told not to)
     is bit-identical in the two models."""
-    pick = jax.tree.leaves
-    if not buffers:  # the parameters only: what would train if unfrozen
-        pick = lambda t: jax.tree.leaves(treenn.trainable(treenn.unfreeze(t)))
+
+    def pick(tree: Any) -> list[Any]:
+        if not buffers:  # the parameters only: what would train if unfrozen
+            tree = treenn.trainable(treenn.unfreeze(tree))
+        return jax.tree.leaves(tree)
+
     a, b = pick(where(before)), pick(where(after))
     return all(np.array_equal(u, v) for u, v in zip(a, b))
 
@@ -114,8 +118,8 @@ def main(argv: list[str] | None = None) -> Verdicts:
         "first half frozen": Trainer(treenn.freeze(model, FIRST_HALF), tx),
         "frozen backbone": Trainer(treenn.freeze_backbone(model, "fc"), tx),
     }
-    forward = treenn.eval_step(lambda m, x: m(x))
-    half_forward = treenn.eval_step(first_half)
+    forward: Any = treenn.eval_step(lambda m, x: m(x))
+    half_forward: Any = treenn.eval_step(first_half)
 
     def forwards(fn: Callable[..., Any], n: int) -> None:
         for _ in range(n):
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> Verdicts:
 
     fns: dict[str, Callable[[], Any]] = {
         "eval forward (floor)": lambda: forwards(forward, inner),
-        **{name: (lambda t=t: t.run(x, y, inner)) for name, t in trainers.items()},
+        **{name: functools.partial(t.run, x, y, inner) for name, t in trainers.items()},
         "first-half forward": lambda: forwards(half_forward, inner),
     }
     for fn in fns.values():  # compile and warm up
@@ -132,13 +136,16 @@ def main(argv: list[str] | None = None) -> Verdicts:
         fn()
     times = interleaved(fns, rounds)
     ms = {name: median(ts) / inner * 1e3 for name, ts in times.items()}
-    spreads = {name: spread(ts) for name, ts in times.items()}
+    spreads = {name: spread(ts, inner) for name, ts in times.items()}
     gflops = {name: t.flops(x, y) / 1e9 for name, t in trainers.items()}
     gflops["eval forward (floor)"] = flops(forward.lower(model, x)) / 1e9
     gflops["first-half forward"] = flops(half_forward.lower(model, x)) / 1e9
 
     floor, full = ms["eval forward (floor)"], ms["full step"]
-    print(f"{'variant':22} {'median ms':>10} {'vs forward':>11} {'vs full':>8} {'XLA GFLOP':>10}")
+    print(
+        f"{'variant':22} {'median ms':>10} {'vs forward':>11} {'vs full':>8} {'XLA GFLOP':>10} "
+        "interquartile"
+    )
     for name in fns:
         print(
             f"{name:22} {ms[name]:10.2f} {ms[name] / floor:11.3f} {ms[name] / full:8.3f} "

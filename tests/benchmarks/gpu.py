@@ -18,6 +18,7 @@ treenn throughput >= 0.98x hand-written; MLP steps <= 1.05x raw `jax.jit`.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,9 @@ class Model:
     def __init__(self, name: str, *, tiny: bool, batch: int):
         key = jax.random.key(0)
         self.name = name
+        self.model: Any
+        self.forward: hw.Forward
+        self.options: dict[str, Any]
         if name == "resnet50":
             size = 32 if tiny else 224
             self.model = resnet50(1000, width=8 if tiny else 64, key=key)
@@ -97,7 +101,8 @@ def throughput(m: Model, rounds: int, steps: int, verdicts: Verdicts) -> None:
     for run in runs.values():  # compile and warm up
         run(2)
     ready = time.perf_counter()
-    times = interleaved({name: (lambda r=run: r(steps)) for name, run in runs.items()}, rounds)
+    timed = {name: functools.partial(run, steps) for name, run in runs.items()}
+    times = interleaved(timed, rounds)
     rate = {name: m.batch * steps / median(ts) for name, ts in times.items()}
     base = rate["hand-written jax.jit"]
     print(f"-- {m.name}, batch {m.batch}, bf16 (compile {ready - start:.0f} s)")
