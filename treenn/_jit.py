@@ -380,6 +380,11 @@ def jit(fn: Callable[..., Any] | None = None, *, donate: Donate = "none") -> Any
     Used as `@treenn.jit` or `@treenn.jit(donate="all")`. `f.lower(*args)` traces and
     lowers without running, as `jax.jit`'s does (`.compile()`, `.cost_analysis()`).
 
+    An output array that is an input array passed through unchanged (a frozen weight)
+    is that very array, not the copy `jax.jit` would make: a frozen backbone costs no
+    copy and no extra memory per step. (So donating it later, in another call, deletes
+    it in the input's model too. Donated arguments are never passed through.)
+
     !!! Example
 
         ```python
