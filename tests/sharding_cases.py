@@ -19,6 +19,7 @@ from conftest import Net, optax_promotion, statuses
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import treenn
+import treenn.nn as nn
 from treenn._tree import dotted, flatten
 from treenn.models import vit_tiny
 
@@ -219,6 +220,28 @@ def test_fsdp_placement_training_and_optimizer_state_follow_the_rules(vit_run):
     assert_same_step(result, single)
     same_sharding(result[1], sharded, "trained model")  # placed as the rules say
     same_sharding(grads_of(result[2]), sharded, "optimiser state after the step")
+
+
+def test_train_step_as_it_is_runs_fsdp_steps_with_the_state_tx_init_made():
+    # Placements change between calls here (Adam's count starts on one device and comes
+    # back on the mesh; XLA returns some BatchNorm vectors split): each change re-traces,
+    # and treenn.jit must take the new trace as the same function (keys as arguments).
+    key = jax.random.key(2)
+    model = treenn.models.resnet18(3, in_channels=1, width=4, small_input=True, key=key)
+    rules = {nn.BatchNorm: P(), "**.fc.weight": P(None, "data"), "**.weight": P("data"), "**": P()}
+    sharded = treenn.shard(model, MESH, rules)
+    batch = (jax.random.normal(key, (8, 8, 8, 1)), jnp.arange(8) % 3)
+    step = treenn.train_step(step_loss, TX)
+    with optax_promotion():
+        single = step(model, TX.init(treenn.trainable(model)), *batch, key)
+        m, opt_state = sharded, TX.init(treenn.trainable(sharded))
+        losses = []
+        for i in range(3):
+            m, opt_state, loss = step(m, opt_state, *treenn.shard(batch, MESH, P("data")), key)
+            losses.append(float(loss))
+    np.testing.assert_allclose(losses[0], single[2], **TOL)
+    assert all(np.isfinite(losses)) and losses[2] < losses[0]
+    assert statuses(m) == statuses(model)
 
 
 def test_inside_a_compiled_step_shard_constrains_the_outputs(vit_run):

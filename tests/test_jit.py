@@ -117,6 +117,25 @@ def test_output_structure_depending_on_shape(key):
         np.testing.assert_allclose(d["rows"][-1], x[n - 1])
 
 
+def test_output_structure_depending_on_shape_with_a_prng_key_argument(key):
+    # Typed PRNG keys have an extended dtype that NumPy cannot read.
+    f = treenn.jit(lambda x, k: tuple(x[i] + jax.random.normal(k) for i in range(x.shape[0])))
+    for n in (2, 3, 2):
+        out = f(jnp.zeros((n, 2)), jax.random.fold_in(key, n))
+        assert type(out) is tuple and len(out) == n
+
+
+def test_retrace_with_the_same_tuple_output_keeps_the_fast_path(key):
+    # A second trace of one entry (here: a new shape) builds new structure objects;
+    # equal structures must still count as the same output.
+    f = treenn.jit(lambda x, y: (x * y, x + y))
+    for n in (2, 3):
+        out = f(jnp.ones(n), jnp.ones(n))
+        np.testing.assert_allclose(out[1], 2.0)
+    (entry,) = f._entries.values()
+    assert entry.by_shape is None
+
+
 def test_outputs_hold_models_and_objects(net, x, lin):
     def f(model, x):
         return model, "hello", 3, None, jax.nn.relu, {"y": model(x), "tag": ("a", 1.5)}

@@ -270,7 +270,7 @@ class _Jit:
         # Rare: output structure depends on input shapes. One jit per shape signature,
         # so each call's output structure is the one its own trace produced.
         assert entry.by_shape is not None
-        signature = tuple((np.shape(x), np.dtype(x.dtype)) for arrays in lists for x in arrays)
+        signature = tuple((np.shape(x), x.dtype) for arrays in lists for x in arrays)
         sub = entry.by_shape.get(signature)
         if sub is None:
             sub = entry.by_shape[signature] = self._compile(key)
@@ -337,6 +337,11 @@ def _split_leaves(tree: Any) -> tuple[Any, tuple[Any, ...], list[Any]]:
     return treedef, statics, [x for x in leaves if is_array(x)]
 
 
+def _parts_key(parts: list[tuple[_Structure, int]] | None) -> Any:
+    # `_Structure` has identity equality; a re-trace (new input placement) builds new ones.
+    return None if parts is None else [(p.treedef, p.statics, sid) for p, sid in parts]
+
+
 def _same(a: tuple[_Structure, Any, Any], b: tuple[_Structure, Any, Any]) -> bool:
     """Whether two traces gave the same output structure, with the same inputs passed
     through."""
@@ -344,7 +349,7 @@ def _same(a: tuple[_Structure, Any, Any], b: tuple[_Structure, Any, Any]) -> boo
         return bool(
             a[0].treedef == b[0].treedef
             and a[0].statics == b[0].statics
-            and a[1] == b[1]
+            and _parts_key(a[1]) == _parts_key(b[1])
             and a[2] == b[2]
         )
     except Exception:  # statics whose == is not a plain bool: assume they differ
