@@ -236,8 +236,8 @@ def test_train_step_as_it_is_runs_fsdp_steps_with_the_state_tx_init_made():
         single = step(model, TX.init(treenn.trainable(model)), *batch, key)
         m, opt_state = sharded, TX.init(treenn.trainable(sharded))
         losses = []
-        for i in range(3):
-            m, opt_state, loss = step(m, opt_state, *treenn.shard(batch, MESH, P("data")), key)
+        for k in (key, key, key):
+            m, opt_state, loss = step(m, opt_state, *treenn.shard(batch, MESH, P("data")), k)
             losses.append(float(loss))
     np.testing.assert_allclose(losses[0], single[2], **TOL)
     assert all(np.isfinite(losses)) and losses[2] < losses[0]
