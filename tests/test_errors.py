@@ -484,6 +484,14 @@ CASES = [
         ValueError,
         r"combine: structures differ; paths only in trainable: 'backbone",
     ),
+    case("partition/class-not-instance", lambda w: treenn.partition(Net), TypeError, CLASS),
+    case("trainable/class-not-instance", lambda w: treenn.trainable(Net), TypeError, CLASS),
+    case(
+        "combine/halves-of-two-partitions",
+        lambda w: treenn.combine(treenn.trainable(w.net), treenn.partition(w.frozen_head)[1]),
+        ValueError,
+        r"combine: both halves hold a value at 'head\.weight', 'head\.bias'",
+    ),
     case(
         "partition/where-given",  # eqx.partition takes a filter; treenn's needs none
         lambda w: treenn.partition(w.net, eqx.is_array),  # type: ignore[call-arg]
@@ -597,7 +605,7 @@ CASES = [
     # -- steps and optimiser states ----------------------------------------------------------
     case(
         "train_step/non-scalar-loss",
-        lambda w: treenn.train_step(lambda m, x, k: m(x, key=k), optax.sgd(0.1))(
+        lambda w: treenn.train_step(lambda m, x, k: m(x, key=k), optax.adam(1e-3))(
             w.net, _opt_state_of(w.net), w.images, w.key
         ),
         TypeError,
@@ -605,7 +613,7 @@ CASES = [
     ),
     case(
         "train_step/missing-key-in-training-dropout",
-        lambda w: treenn.train_step(_xent, optax.sgd(0.1))(
+        lambda w: treenn.train_step(_xent, optax.adam(1e-3))(
             w.net, _opt_state_of(w.net), w.images, w.labels, None
         ),
         ValueError,
@@ -617,7 +625,14 @@ CASES = [
             w.frozen_head, w.opt_state, w.images, w.labels, w.key
         ),
         ValueError,
-        r"head\.weight",
+        r"train_step: opt_state does not fit the model's trainable arrays \(state only in "
+        r"opt_state: '0\.mu\.head\.bias', '0\.mu\.head\.weight', '0\.nu\.head\.bias'",
+    ),
+    case(
+        "train_step/not-an-optax-transform",
+        lambda w: treenn.train_step(lambda m: 0.0, optax.adam),
+        TypeError,
+        r"train_step: tx=<function adam.*> is not an optax transform",
     ),
     case(
         "train_step/not-a-function",
@@ -853,6 +868,12 @@ CASES = [
         PARAM.format("state_dict_or_path"),
     ),
     # -- sharding ------------------------------------------------------------------------------
+    case(
+        "shard/class-not-instance",
+        lambda w: treenn.shard(Net, jax.make_mesh((1,), ("data",))),
+        TypeError,
+        CLASS,
+    ),
     case(
         "shard/not-a-mesh",
         lambda w: treenn.shard(w.net, "data"),  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._selectors import Selection, describe, few, select
 from ._status import ARRAY_TYPES, MARK_TYPES
-from ._tree import STOP_MODULE, dotted, flatten, is_module, no_gc, unflatten
+from ._tree import STOP_MODULE, check_model, dotted, flatten, is_module, no_gc, unflatten
 
 T = TypeVar("T")
 Rules: TypeAlias = "PartitionSpec | Mapping[Any, Any] | None"
@@ -86,6 +86,7 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
         x, y = treenn.shard((x, y), mesh, P("data"))
         ```
     """
+    check_model(model, "treenn.shard")
     if not isinstance(mesh, Mesh):
         raise TypeError(f"shard: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     specs = _rule_specs(rules, mesh)

@@ -13,11 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from ._jit import Donate, jit
+from ._selectors import few
 from ._state import run
 from ._status import is_array, is_mark
 from ._transforms import apply_updates, trainable, value_and_grad
-from ._tree import leaves, unflatten
+from ._tree import dotted, flatten, leaves, unflatten
 from .nn._modes import eval_mode, train_mode
 
 
@@ -65,15 +68,35 @@ def train_step(
         loss, aux = out if has_aux else (out, None)
         return loss, (aux, model)
 
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(
+            f"train_step: tx={tx!r} is not an optax transform (it needs `init` and "
+            "`update`), e.g. `optax.adam(1e-3)`"
+        )
     grad_fn = value_and_grad(collecting, has_aux=True)
 
     def step(model: Any, opt_state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        _check_opt_state(tx, opt_state, model)  # at trace time only
         (loss, (aux, updated)), grads = grad_fn(train_mode(model), *args, **kwargs)
         updates, opt_state = tx.update(grads, opt_state, trainable(updated))
         updated = apply_updates(updated, updates)
         return _arrays_into(model, updated), opt_state, ((loss, aux) if has_aux else loss)
 
     return jit(step, donate=donate)
+
+
+def _check_opt_state(tx: Any, opt_state: Any, model: Any) -> None:
+    expected = jax.eval_shape(tx.init, trainable(model))
+    if leaves(expected)[1] == leaves(opt_state)[1]:
+        return
+    have = {dotted(p) for p in flatten(opt_state)[0]}
+    want = {dotted(p) for p in flatten(expected)[0]}
+    raise ValueError(
+        "train_step: opt_state does not fit the model's trainable arrays (state only in "
+        f"opt_state: {few(sorted(have - want), 5) or 'none'}; only in "
+        f"tx.init(trainable(model)): {few(sorted(want - have), 5) or 'none'}). After "
+        "freeze/unfreeze, carry it over with treenn.migrate_opt_state"
+    )
 
 
 def eval_step(fn: Callable[..., Any]) -> Callable[..., Any]:

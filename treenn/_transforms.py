@@ -11,7 +11,7 @@ import jax.tree_util as jtu
 
 from ._selectors import few
 from ._status import ARRAY_TYPES, Status, status_of
-from ._tree import dotted, flatten, leaves, modules, state_of, static_fields
+from ._tree import check_model, dotted, flatten, leaves, modules, state_of, static_fields
 from .nn._modes import mode_free
 
 T = TypeVar("T")
@@ -45,6 +45,7 @@ def partition(model: T) -> tuple[Any, Any]:
         opt_state = optax.adam(1e-3).init(params)
         ```
     """
+    check_model(model, "treenn.partition")
     flat, treedef = leaves(model, _is_none)
     train: list[Any] = []
     rest: list[Any] = []
@@ -99,6 +100,15 @@ def combine(trainable: Any, rest: Any) -> Any:
     r_leaves, r_def = leaves(rest, _is_none)
     if t_def != r_def and t_def != leaves(mode_free(rest), _is_none)[1]:
         raise ValueError("combine: " + structure_mismatch(trainable, rest, "trainable", "rest"))
+    both = [
+        i for i, (t, r) in enumerate(zip(t_leaves, r_leaves)) if t is not None and r is not None
+    ]
+    if both:
+        paths = flatten(rest, _is_none)[0]
+        raise ValueError(
+            f"combine: both halves hold a value at {few([dotted(paths[i]) for i in both], 5)}; "
+            "pass the two halves of one `treenn.partition`"
+        )
     return jtu.tree_unflatten(r_def, [r if t is None else t for t, r in zip(t_leaves, r_leaves)])
 
 
