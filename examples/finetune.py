@@ -14,6 +14,12 @@ Prints a table (test accuracy, trainable parameters, time) and writes a PNG with
 learning curves and the uncertainty histogram.
 
     python examples/finetune.py [--steps 300] [--seed 0] [--out runs/finetune] [--quick]
+
+With `--weights PATH` it starts from a PyTorch ResNet-18 state dict (`.pt`, `.pth` or
+`.safetensors`, loaded by `treenn.load_torch`) instead of pretraining; `--width`,
+`--stem` and `--in-channels` describe its architecture (a torchvision ResNet-18:
+`--width 64 --stem imagenet --in-channels 3`; grey digits are then repeated to 3
+channels).
 """
 
 from __future__ import annotations
@@ -47,11 +53,11 @@ WIDTH = 16  # ResNet-18 with 16-64-128-... channels: small images, small model
 BATCH = 64
 
 
-def digits(classes: range, seed: int) -> tuple[Data, Data]:
+def digits(classes: range, seed: int, channels: int = 1) -> tuple[Data, Data]:
     """Train/test split of the digits in `classes`, labels shifted to start at 0."""
     images, labels = load_digits(return_X_y=True)
     keep = np.isin(labels, list(classes))
-    x = (images[keep] / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+    x = (images[keep] / 16.0).astype(np.float32).reshape(-1, 8, 8, 1).repeat(channels, -1)
     y = (labels[keep] - classes.start).astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=0.25, random_state=seed, stratify=y
@@ -60,7 +66,7 @@ def digits(classes: range, seed: int) -> tuple[Data, Data]:
 
 
 def xent(
-    model: ResNet, x: Float[Array, "b 8 8 1"], y: Int[Array, " b"], key: PRNGKeyArray
+    model: ResNet, x: Float[Array, "b 8 8 c"], y: Int[Array, " b"], key: PRNGKeyArray
 ) -> Array:
     # treenn.train_step runs the model in training mode and collects BatchNorm
     # statistics itself: the loss just calls the model.
@@ -190,23 +196,57 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/finetune", help="output folder")
     parser.add_argument("--quick", action="store_true", help="a few steps of each, for CI")
+    parser.add_argument(
+        "--weights", help="start from this PyTorch ResNet-18 state dict instead of pretraining"
+    )
+    parser.add_argument("--width", type=int, default=WIDTH, help="channels of the first stage")
+    parser.add_argument("--stem", choices=("small", "imagenet"), default="small")
+    parser.add_argument("--in-channels", type=int, choices=(1, 3), default=1)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pretrain_steps, args.mc_samples = 25, 40, 4
     os.makedirs(args.out, exist_ok=True)
     k_model, k_head, k_random = jax.random.split(jax.random.key(args.seed), 3)
-    old_train, old_test = digits(range(0, 5), args.seed)
-    new_train, new_test = digits(range(5, 10), args.seed)
+    old_train, old_test = digits(range(0, 5), args.seed, args.in_channels)
+    new_train, new_test = digits(range(5, 10), args.seed, args.in_channels)
 
     def build(key: PRNGKeyArray) -> ResNet:
-        return resnet18(5, in_channels=1, width=WIDTH, small_input=True, key=key)
+        small = args.stem == "small"
+        return resnet18(
+            5, in_channels=args.in_channels, width=args.width, small_input=small, key=key
+        )
 
+    if args.weights:
+        # The file's own head (1,000 ImageNet classes, say) is not used: strict=False
+        # loads every array that fits and reports the rest.
+        loaded, report = treenn.load_torch(
+            new_head(build(k_random), k_head), args.weights, strict=False, report=True
+        )
+        print(
+            f"loaded {len(report.loaded)} arrays from {args.weights}; new: {report.missing}; "
+            f"not used: {report.unexpected}"
+        )
+    else:
+        loaded = pretrain(args, build(k_model), old_train, old_test, k_head, build(k_random))
+    random_backbone = new_head(build(k_random), k_head)
+    run_recipes(args, loaded, random_backbone, new_train, new_test)
+
+
+def pretrain(
+    args: argparse.Namespace,
+    model: ResNet,
+    old_train: Data,
+    old_test: Data,
+    k_head: PRNGKeyArray,
+    fresh: ResNet,
+) -> ResNet:
+    """Pretrain on digits 0-4, save a checkpoint, load its backbone under a new head."""
     start = time.perf_counter()
     # Weight decay keeps the last stage's features less specialised to the five
     # pretraining classes (they transfer better to the five new ones).
     pretrain_tx = optax.adamw(3e-3, weight_decay=0.05)
     pretrained, _, _ = train(
-        build(k_model), old_train, args.pretrain_steps, "pretrain 0-4", args.seed, pretrain_tx
+        model, old_train, args.pretrain_steps, "pretrain 0-4", args.seed, pretrain_tx
     )
     checkpoint = os.path.join(args.out, "pretrained.safetensors")
     treenn.save(checkpoint, pretrained)
@@ -214,13 +254,22 @@ def main() -> None:
         f"pretrained ResNet-18 on digits 0-4: test accuracy {accuracy(pretrained, old_test):.3f} "
         f"({time.perf_counter() - start:.0f}s), saved to {checkpoint}"
     )
-
-    loaded, report = treenn.load_pretrained(checkpoint, new_head(build(k_random), k_head))
+    loaded, report = treenn.load_pretrained(checkpoint, new_head(fresh, k_head))
     print(
         f"loaded {len(report.loaded)} arrays; new: {report.missing}; not used: {report.unexpected}"
     )
-    random_backbone = new_head(build(k_random), k_head)
+    return loaded
 
+
+def run_recipes(
+    args: argparse.Namespace,
+    loaded: ResNet,
+    random_backbone: ResNet,
+    new_train: Data,
+    new_test: Data,
+) -> None:
+    """The four fine-tuning recipes (and the probe on a random backbone), the table, MC
+    dropout and the figure."""
     recipes: dict[str, Callable[[], tuple[ResNet, Any, list[float]]]] = {
         "linear probe (random backbone)": lambda: train(
             treenn.freeze_backbone(random_backbone, "fc"),

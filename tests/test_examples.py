@@ -27,3 +27,41 @@ def test_finetune_quick(tmp_path):
     assert re.search(r"MC dropout .* entropy [0-9.]+ on \d+ correct", out), out
     assert (tmp_path / "pretrained.safetensors").exists()
     assert (tmp_path / "finetune.png").stat().st_size > 10_000
+
+
+def test_finetune_quick_from_pytorch_weights(tmp_path):
+    # A PyTorch state dict (torch tensors under torchvision's names, in a .pt file) of a
+    # pretrained small-stem ResNet-18 replaces the pretraining.
+    import jax
+    import numpy as np
+    import torch
+
+    import treenn
+    from treenn._tree import dotted, flatten
+
+    model = treenn.models.resnet18(
+        1000, in_channels=3, width=8, small_input=True, key=jax.random.key(3)
+    )
+    paths, leaves, _ = flatten(model)
+    state = {dotted(p): torch.tensor(np.array(x)) for p, x in zip(paths, leaves)}
+    state["bn1.num_batches_tracked"] = torch.tensor(7)  # PyTorch saves it; ignored
+    torch.save(state, tmp_path / "resnet18.pt")
+    result = subprocess.run(
+        [sys.executable, "examples/finetune.py", "--quick", "--out", str(tmp_path)]
+        + ["--weights", str(tmp_path / "resnet18.pt"), "--width", "8", "--in-channels", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    loaded = re.search(r"loaded (\d+) arrays from .*resnet18\.pt; new: (.*); not used: (.*)", out)
+    assert loaded, out
+    assert int(loaded[1]) == len(state) - 3  # all but the old head and the counter
+    assert loaded[2] == "['fc.layers.1.weight', 'fc.layers.1.bias']"
+    assert loaded[3] == "['fc.bias', 'fc.weight']"  # num_batches_tracked: ignored
+    assert "pretrain" not in out.split("fine-tuning on digits 5-9")[0]
+    rows = dict(re.findall(r"^\| ([a-zA-Z ()-]+?)\s+\|\s+([0-9.]+) \|", out, re.M))
+    assert set(RECIPES) <= set(rows), out
+    assert "backbone bit-identical to the checkpoint's: yes" in out
