@@ -40,6 +40,7 @@ def by_type(pred: Callable[[type], bool]) -> Stop:
         return known
 
     stop.by_type = True  # type: ignore[attr-defined]
+    stop.stops_marks = True  # type: ignore[attr-defined]
     return stop
 
 
@@ -51,7 +52,7 @@ def _is_leaf(stop: Stop | None, keep_marks: bool) -> Stop | None:
         return stop
     if stop is None:
         return IS_MARK
-    if getattr(stop, "by_type", False):
+    if getattr(stop, "stops_marks", False):
         return stop
     return lambda x: type(x) in MARK_TYPES or stop(x)
 
@@ -230,35 +231,94 @@ def static_fields(kind: type) -> tuple[str, ...]:
     return names
 
 
-_ALL_STATIC: dict[type, bool] = {}
+_HOLDS_NOTHING: dict[type, bool] = {kind: True for kind in MARK_TYPES}
+_HOLDS_NOTHING[type(None)] = True
 
 
-def _all_static(kind: type) -> bool:
-    known = _ALL_STATIC.get(kind)
+def holds_nothing(value: Any) -> bool:
+    """Whether `value` can hold no module or container: a pytree leaf (array, scalar,
+    function...), `None` or a status mark (which holds one array). Cached per type."""
+    known = _HOLDS_NOTHING.get(type(value))
     if known is None:
-        known = _ALL_STATIC[kind] = dataclasses.is_dataclass(kind) and all(
-            f.metadata.get("static", False) for f in dataclasses.fields(kind)
-        )
+        # A type is a leaf type when an instance flattens to itself: JAX registers
+        # pytree nodes by type.
+        found = jtu.tree_leaves(value)
+        known = _HOLDS_NOTHING[type(value)] = len(found) == 1 and found[0] is value
     return known
 
 
-def _may_nest(node: Any) -> bool:
-    # Most stopped nodes are leaf layers (Dropout, BatchNorm): skip a flatten of their
-    # contents when no field could hold another module.
-    if _all_static(type(node)):
-        return False
-    try:
-        state = state_of(node)
-    except AttributeError:
-        return True
-    return any(type(v) not in MARK_TYPES and STOP_CONTAINER(v) for v in state.values())
+def inert(module: Any) -> bool:
+    """Whether every pytree child of `module` is a leaf (array, scalar, function...),
+    `None` or a status mark: it holds no other module or container, so a walk can stop
+    at it and edit its fields directly instead of flattening and rebuilding it."""
+    # Inlined lookups: called on every module a pruned walk meets.
+    state = _get(module, "__dict__")
+    names = _DYNAMIC_FIELDS.get(type(module))
+    if names is None:
+        names = dynamic_fields(type(module))
+    for name in names:
+        value = state.get(name)
+        known = _HOLDS_NOTHING.get(type(value))
+        if not (holds_nothing(value) if known is None else known):
+            return False
+    return True
+
+
+_PRUNED: dict[Stop, Stop] = {}
+
+
+def pruned(stop: Stop) -> Stop:
+    """`stop`, also stopping at status marks and at inert modules (see `inert`).
+
+    A walk for the nodes `stop` names then flattens, and rebuilds, only the modules and
+    containers that may lead to one (an `eqx.nn.Linear` is returned whole, untouched).
+    Callers tell stopped nodes from inert ones with `stop` itself.
+    """
+    if not getattr(stop, "by_type", False):
+
+        def any_stop(x: Any) -> bool:
+            return type(x) in MARK_TYPES or bool(stop(x)) or (STOP_MODULE(x) and inert(x))
+
+        any_stop.stops_marks = True  # type: ignore[attr-defined]
+        return any_stop
+    known_pruned = _PRUNED.get(stop)
+    if known_pruned is not None:
+        return known_pruned
+    # Per type: True (stop), False (enter), None (a module: stop when inert).
+    cache: dict[type, bool | None] = {}
+
+    def is_leaf(x: Any) -> bool:
+        kind = type(x)
+        try:
+            known = cache[kind]
+        except KeyError:
+            if stop(x):
+                known = True
+            elif STOP_MODULE(x):
+                # A module with no dynamic field (all static) holds nothing.
+                known = None if dynamic_fields(kind) else True
+            else:
+                known = False
+            cache[kind] = known
+        if known is None:
+            return inert(x)
+        return known
+
+    is_leaf.stops_marks = True  # type: ignore[attr-defined]
+    _PRUNED[stop] = is_leaf
+    return is_leaf
 
 
 def below(tree: Any, stop: Stop) -> Stop:
     """`stop`, but never stopping at `tree` itself (to visit a stopped node's contents)."""
     if not stop(tree):
         return stop
-    return lambda x: x is not tree and (type(x) in MARK_TYPES or stop(x))
+
+    def below_tree(x: Any) -> bool:
+        return x is not tree and (type(x) in MARK_TYPES or bool(stop(x)))
+
+    below_tree.stops_marks = True  # type: ignore[attr-defined]
+    return below_tree
 
 
 def map_stopped(
@@ -272,10 +332,13 @@ def map_stopped(
     """Rebuild `tree`, replacing each node `stop` names (below the root) by
     `fn(path, node)`; `path` is `None` when `paths=False` (cheaper).
 
-    `stop` must come from `by_type`. Stopped nodes inside another are visited too,
-    innermost first: `fn` receives a node whose own stopped descendants were replaced.
+    `stop` names modules or containers (never leaves), best made with `by_type`.
+    Stopped nodes inside another are visited too, innermost first: `fn` receives a node
+    whose own stopped descendants were replaced. Modules holding only leaves (see
+    `pruned`) are neither entered nor rebuilt; `tree` itself is returned when `fn`
+    replaces nothing.
     """
-    is_leaf = below(tree, stop)
+    is_leaf = below(tree, pruned(stop))
     if paths:
         key_paths, flat, treedef = flatten(tree, is_leaf)
     else:
@@ -286,7 +349,8 @@ def map_stopped(
             continue
         path = prefix + key_paths[i] if paths else None
         inner = leaf
-        if _may_nest(leaf):
+        # Most stopped nodes are leaf layers (Dropout, BatchNorm): no walk inside.
+        if not (STOP_MODULE(leaf) and inert(leaf)):
             inner = map_stopped(leaf, stop, fn, paths=paths, prefix=path or ())
         new = fn(path, inner)
         if new is not leaf:
