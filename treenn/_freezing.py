@@ -7,15 +7,12 @@ carried beside it.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-import jax.tree_util as jtu
-
-from ._module import fit_class, is_foreign_type
+from ._module import fit_class, fitted_class
 from ._selectors import Selection, Where, no_match, select
-from ._status import Frozen, Status, status_of
+from ._status import Buffer, Frozen, is_array, is_float_array, is_mark
 from ._tree import (
-    STOP_CONTAINER,
     STOP_FOREIGN,
     KeyPath,
     below,
@@ -23,10 +20,10 @@ from ._tree import (
     dotted,
     dynamic_fields,
     flatten,
+    holds_nothing,
     leaves,
     no_gc,
-    replace_fields,
-    state_of,
+    pruned,
     unflatten,
 )
 
@@ -74,9 +71,6 @@ def unfreeze(model: T, where: Where = None) -> T:
         ```
     """
     return _set_frozen(model, where, False)
-
-
-_PARAMETER = (Status.TRAINABLE, Status.FROZEN)
 
 
 def freeze_backbone(model: T, head: Where) -> T:
@@ -133,65 +127,152 @@ def _set_frozen(model: Any, where: Any, frozen: bool) -> Any:
     return new
 
 
+# Where a walk stops: status marks, plain Equinox modules (their class is fitted to the
+# marks they end up holding) and modules holding only leaves (edited field by field).
+_STOP = pruned(STOP_FOREIGN)
+
+
 def _walk(tree: Any, covers: Any, frozen: bool, prefix: KeyPath, report: _Report) -> Any:
-    """(Un)freeze the selected arrays of `tree`. Plain Equinox modules are visited
-    separately, so that their class can be fitted to the marks they end up holding."""
-    is_leaf = below(tree, STOP_FOREIGN)
+    """(Un)freeze the selected arrays of `tree`; `tree` itself when nothing changes."""
+    is_leaf = below(tree, _STOP)
     paths: list[KeyPath] | None = None
     if covers is None:
         flat, treedef = leaves(tree, is_leaf)
     else:
         paths, flat, treedef = flatten(tree, is_leaf)
+    changed = False
     for i, leaf in enumerate(flat):
-        status = status_of(leaf)
-        if status is Status.TRAINABLE or status is Status.FROZEN:
+        kind = _KINDS.get(type(leaf))
+        if kind is None:
+            kind = _value_kind(leaf)
+        if kind == _NODE:  # a module the walk stopped at
+            path = prefix + paths[i] if paths is not None else ()
+            new = _walk_shallow(leaf, covers, frozen, path, report)
+            if new is None:
+                new = _walk(leaf, covers, frozen, path, report)
+        elif kind == _FROZEN or (kind == _ARRAY and _trainable(leaf)):
             if paths is not None:
                 name = dotted(prefix + paths[i])
                 report.parameters.append(name)
                 if not covers(name):
                     continue
             report.acted = True
-            if frozen and status is Status.TRAINABLE:
-                flat[i] = Frozen(leaf)
-            elif not frozen and status is Status.FROZEN:
-                flat[i] = leaf.value
-        elif status is Status.STATIC and is_foreign_type(type(leaf)):
-            path = prefix + paths[i] if paths else ()
-            new = _walk_shallow(leaf, covers, frozen, path, report)
-            flat[i] = _walk(leaf, covers, frozen, path, report) if new is None else new
-    out = unflatten(treedef, flat)
-    return fit_class(out) if is_foreign_type(type(out)) else out
+            new = _set_status(leaf, frozen)
+        else:
+            continue
+        if new is not leaf:
+            flat[i] = new
+            changed = True
+    out = unflatten(treedef, flat) if changed else tree
+    return fit_class(out) if STOP_FOREIGN(out) and not is_mark(out) else out
+
+
+def _set_status(leaf: Any, frozen: bool) -> Any:
+    """A trainable array or a `Frozen` mark, (un)frozen."""
+    if frozen:
+        return leaf if type(leaf) is Frozen else Frozen(leaf)
+    return leaf.value if type(leaf) is Frozen else leaf
+
+
+# What a field value is to a walk, by type: see `_value_kind`.
+_OTHER, _ARRAY, _FROZEN, _BUFFER, _NODE = range(5)
+_KINDS: dict[type, int] = {Frozen: _FROZEN, Buffer: _BUFFER}
+_FLOAT: dict[Any, bool] = {}  # dtype -> whether it is floating-point (trainable)
+
+
+def _value_kind(value: Any) -> int:
+    kind = _KINDS.get(type(value))
+    if kind is None:
+        if is_array(value):
+            kind = _ARRAY
+        else:
+            kind = _OTHER if holds_nothing(value) else _NODE
+        _KINDS[type(value)] = kind
+    return kind
+
+
+def _trainable(array: Any) -> bool:
+    dtype = array.dtype
+    known = _FLOAT.get(dtype)
+    if known is None:
+        known = _FLOAT[dtype] = is_float_array(array)
+    return known
+
+
+# Module class -> (dynamic field names, class when holding marks, class when not).
+_PLANS: dict[type, tuple[tuple[str, ...], type, type]] = {}
+
+
+def _plan(kind: type) -> tuple[tuple[str, ...], type, type]:
+    plan = _PLANS.get(kind)
+    if plan is None:
+        plan = _PLANS[kind] = (
+            dynamic_fields(kind),
+            fitted_class(kind, True),
+            fitted_class(kind, False),
+        )
+    return plan
+
+
+_get = object.__getattribute__
+_new = object.__new__
+_set = object.__setattr__
 
 
 def _walk_shallow(
     module: Any, covers: Any, frozen: bool, prefix: KeyPath, report: _Report
 ) -> Any | None:
-    """`_walk` for a plain Equinox layer whose dynamic fields hold only arrays (an
-    `eqx.nn.Linear`): edits its fields directly, without flattening it. `None` when the
-    module holds anything else."""
-    state = state_of(module)
-    changes: dict[str, Any] = {}
-    parameters: list[str] = []
-    acted = False
-    for name in dynamic_fields(type(module)):
+    """`_walk` for a module whose pytree children are all leaves (an `eqx.nn.Linear`):
+    edits its fields directly, without flattening it, and builds the edited module once,
+    with the class that fits the marks it holds (`fit_class`). `None` when the module
+    holds a container or another module."""
+    names, marked_cls, plain_cls = _PLANS.get(type(module)) or _plan(type(module))
+    state = _get(module, "__dict__")
+    new_state = None
+    base = None
+    marked = False
+    for name in names:
         value = state.get(name)
-        status = status_of(value)
-        if status is Status.STATIC:
-            if value is None or not STOP_CONTAINER(value):
-                continue
-            return None  # a container or module: take the general path
-        if status is Status.BUFFER:
+        kind = _KINDS.get(type(value))
+        if kind is None:
+            kind = _value_kind(value)
+        if kind == _OTHER:
             continue
-        if covers is not None:
-            path = dotted(prefix + (jtu.GetAttrKey(name),))
-            parameters.append(path)
-            if not covers(path):
+        if kind == _ARRAY:
+            dtype_float = _FLOAT.get(value.dtype)
+            if not (_trainable(value) if dtype_float is None else dtype_float):
                 continue
-        acted = True
-        if frozen and status is Status.TRAINABLE:
-            changes[name] = Frozen(value)
-        elif not frozen and status is Status.FROZEN:
-            changes[name] = cast(Frozen, value).value
-    report.parameters.extend(parameters)
-    report.acted = report.acted or acted
-    return fit_class(replace_fields(module, **changes) if changes else module)
+        elif kind == _BUFFER:
+            marked = True
+            continue
+        elif kind == _NODE:
+            return None  # a container or module: take the general path
+        if covers is not None:
+            if base is None:
+                base = dotted(prefix)
+            path = f"{base}.{name}" if base else name
+            report.parameters.append(path)
+            if not covers(path):
+                marked = marked or kind == _FROZEN
+                continue
+        report.acted = True
+        if frozen:
+            marked = True
+            if kind == _FROZEN:
+                continue
+            new = Frozen(value)
+        elif kind == _FROZEN:
+            new = value.value
+        else:
+            continue
+        if new_state is None:
+            new_state = state.copy()
+        new_state[name] = new
+    cls = marked_cls if marked else plain_cls
+    if new_state is None:
+        if cls is type(module):
+            return module
+        new_state = state.copy()
+    out: Any = _new(cls)
+    _set(out, "__dict__", new_state)
+    return out

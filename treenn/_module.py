@@ -102,17 +102,32 @@ def is_foreign_type(kind: type) -> bool:
     return issubclass(kind, eqx.Module) and not issubclass(kind, Module)
 
 
+_FITTED: dict[tuple[type, bool], type] = {}
+
+
+def fitted_class(cls: type, marked: bool) -> type:
+    """The class a module of class `cls` should have when it holds (`marked`) or does
+    not hold status marks; cached, as surgery asks once per module."""
+    key = (cls, marked)
+    fitted = _FITTED.get(key)
+    if fitted is None:
+        original = _ORIGINAL.get(cls)
+        if marked and original is None and not issubclass(cls, Unwrapping):
+            fitted = _unwrapping_class(cls)
+        elif not marked and original is not None:
+            fitted = original
+        else:
+            fitted = cls
+        _FITTED[key] = fitted
+    return fitted
+
+
 def fit_class(module: Any) -> Any:
     """`module`, with its class swapped so that it reads through the marks it holds."""
     cls = type(module)
     state = _get(module, "__dict__")
-    marked = any(_holds_mark(v) for v in state.values())
-    original = _ORIGINAL.get(cls)
-    if marked and original is None and not issubclass(cls, Unwrapping):
-        new_cls = _unwrapping_class(cls)
-    elif not marked and original is not None:
-        new_cls = original
-    else:
+    new_cls = fitted_class(cls, any(_holds_mark(v) for v in state.values()))
+    if new_cls is cls:
         return module
     new: Any = object.__new__(new_cls)
     _get(new, "__dict__").update(state)

@@ -139,7 +139,6 @@ def _mode_bearing_type(kind: type) -> bool:
 STOP_MODULE = by_type(_module_type)
 STOP_FOREIGN = by_type(is_foreign_type)
 STOP_MODE_BEARING = by_type(_mode_bearing_type)
-STOP_CONTAINER = by_type(lambda kind: issubclass(kind, (eqx.Module, tuple, list, dict)))
 
 
 def is_module(x: Any) -> bool:
