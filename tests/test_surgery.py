@@ -156,6 +156,14 @@ def test_eval_mode_reaches_layers_behind_a_custom_pytree_node():
     assert nn.modes(nn.train_mode(new)) == {"inner.fn.0.0": False}
 
 
+def test_module_dict_is_the_raw_state(stack):
+    # `__dict__` is what Equinox's flatten reads: marks stay, only fields unwrap.
+    head = treenn.freeze(stack).head
+    assert type(head.__dict__["weight"]) is Frozen
+    assert head.__dict__["weight"].value is stack.head.weight
+    assert type(head.weight) is not Frozen and jnp.array_equal(head.weight, stack.head.weight)
+
+
 def test_inert_modules_hold_only_leaves(stack):
     assert inert(stack.blocks[0].linear)
     assert inert(stack.blocks[0].dropout)

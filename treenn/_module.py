@@ -49,11 +49,14 @@ class Unwrapping:
     if not TYPE_CHECKING:
 
         def __getattribute__(self, name: str, /) -> Any:
+            if name == "__dict__":
+                # Equinox's flatten reads it twice per module: skip the slow path.
+                return _get(self, "__dict__")
             out = _module_getattribute(self, name)
             kind = type(out)
             if kind in MARK_TYPES:
                 return out.unwrap()
-            if (kind is tuple or kind is list or kind is dict) and name != "__dict__":
+            if kind is tuple or kind is list or kind is dict:
                 return _unwrapped(out)
             return out
 
