@@ -2,7 +2,8 @@
 
 scikit-learn's handwritten digits (1,797 real 8x8 images, shipped with the package):
 
-1. pretrain a small-input ResNet-18 (`treenn.models`) on digits 0-4 and save a checkpoint;
+1. pretrain a small-input ResNet-18 (`treenn.models`) on digits 0-4 (cross-entropy plus
+   SimCLR's contrastive loss on two augmented views of each image) and save a checkpoint;
 2. fine-tune it on digits 5-9 with a new head (dropout + linear), four ways, all from the
    same checkpoint: linear probe (frozen backbone, its BatchNorm pinned in eval), BitFit
    (biases and head), gradual unfreezing (deepest stage first, optimiser moments carried
@@ -74,18 +75,19 @@ def xent(
 
 
 def train(
-    model: ResNet,
+    model: Any,
     data: Data,
     steps: int,
     desc: str,
     seed: int,
     tx: Any = None,
     opt_state: Any = None,
-) -> tuple[ResNet, Any, list[float]]:
+    loss_fn: Callable[..., Array] = xent,
+) -> tuple[Any, Any, list[float]]:
     """`steps` Adam steps; returns the model, the optimiser state and the losses."""
     tx = tx or optax.adam(3e-3)
     opt_state = tx.init(treenn.trainable(model)) if opt_state is None else opt_state
-    step = treenn.train_step(xent, tx)
+    step = treenn.train_step(loss_fn, tx)
     x, y = data
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
@@ -232,6 +234,74 @@ def main() -> None:
     run_recipes(args, loaded, random_backbone, new_train, new_test)
 
 
+class Pretraining(treenn.Module):
+    """A ResNet (without its head) with the two pretraining heads: the 0-4 classifier
+    and SimCLR's projector for the contrastive loss (discarded after pretraining)."""
+
+    resnet: ResNet
+    cls: nn.Linear
+    proj: nn.Sequential
+
+    def __init__(self, resnet: ResNet, features: int, key: PRNGKeyArray):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.resnet = resnet
+        self.cls = nn.Linear(features, 5, key=k1)
+        self.proj = nn.Sequential(
+            nn.Linear(features, features, key=k2), jax.nn.relu, nn.Linear(features, 64, key=k3)
+        )
+
+    def __call__(
+        self, x: Float[Array, "b h w c"], *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "b 5"], Float[Array, "b 64"]]:
+        h = self.resnet(x)
+        return self.cls(h), self.proj(h)
+
+
+def augment(x: Float[Array, "b h w c"], key: PRNGKeyArray) -> Float[Array, "b h w c"]:
+    """A random affine warp of each image: rotation up to 15 degrees, scale up to 10%,
+    shear up to 0.15, shift up to 1 pixel (bilinear, zero fill)."""
+
+    def one(image: Array, key: PRNGKeyArray) -> Array:
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        angle = jnp.deg2rad(jax.random.uniform(k1, (), minval=-15.0, maxval=15.0))
+        scale = 1.0 + jax.random.uniform(k2, (2,), minval=-0.1, maxval=0.1)
+        shear = jax.random.uniform(k3, (), minval=-0.15, maxval=0.15)
+        shift = jax.random.uniform(k4, (2,), minval=-1.0, maxval=1.0)
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        warp = jnp.array([[cos, -sin], [sin, cos]]) @ jnp.array([[1.0, shear], [0.0, 1.0]])
+        inverse = jnp.linalg.inv(warp @ jnp.diag(scale))
+        h, w = image.shape[:2]
+        centre = jnp.array([(h - 1) / 2, (w - 1) / 2])[:, None]
+        grid = jnp.stack(jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")).reshape(2, -1)
+        src = inverse @ (grid - centre - shift[:, None]) + centre
+        channels = [
+            jax.scipy.ndimage.map_coordinates(image[..., c], list(src), order=1, cval=0.0)
+            for c in range(image.shape[-1])
+        ]
+        return jnp.stack(channels, -1).reshape(image.shape)
+
+    return jax.vmap(one)(x, jax.random.split(key, x.shape[0]))
+
+
+def pretrain_loss(
+    model: Pretraining, x: Float[Array, "b 8 8 c"], y: Int[Array, " b"], key: PRNGKeyArray
+) -> Array:
+    """Cross-entropy on the 0-4 labels plus SimCLR's contrastive loss (NT-Xent,
+    temperature 0.1) on two augmented views of each image: each view must pick out the
+    other among the batch's 2b-1 views. Cross-entropy alone collapses each class's
+    features towards a point; the contrastive term keeps what tells images apart within
+    a class, which is what the new digits need."""
+    k1, k2 = jax.random.split(key)
+    n = x.shape[0]
+    logits, z = model(jnp.concatenate([augment(x, k1), augment(x, k2)]))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.concatenate([y, y]))
+    z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    similarity = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, z @ z.T / 0.1)
+    views = jnp.arange(2 * n)
+    nt_xent = -jax.nn.log_softmax(similarity, axis=-1)[views, (views + n) % (2 * n)]
+    return ce.mean() + nt_xent.mean()
+
+
 def pretrain(
     args: argparse.Namespace,
     model: ResNet,
@@ -242,12 +312,20 @@ def pretrain(
 ) -> ResNet:
     """Pretrain on digits 0-4, save a checkpoint, load its backbone under a new head."""
     start = time.perf_counter()
-    # Weight decay keeps the last stage's features less specialised to the five
-    # pretraining classes (they transfer better to the five new ones).
-    pretrain_tx = optax.adamw(3e-3, weight_decay=0.05)
-    pretrained, _, _ = train(
-        model, old_train, args.pretrain_steps, "pretrain 0-4", args.seed, pretrain_tx
+    features = model.fc.in_features
+    pretraining = Pretraining(
+        eqx.tree_at(lambda m: m.fc, model, nn.Identity()), features, jax.random.fold_in(k_head, 1)
     )
+    pretraining, _, _ = train(
+        pretraining,
+        old_train,
+        args.pretrain_steps,
+        "pretrain 0-4",
+        args.seed,
+        loss_fn=pretrain_loss,
+    )
+    # The checkpoint is a plain ResNet: the 0-4 classifier as `fc`; the projector goes.
+    pretrained = eqx.tree_at(lambda m: m.fc, pretraining.resnet, pretraining.cls)
     checkpoint = os.path.join(args.out, "pretrained.safetensors")
     treenn.save(checkpoint, pretrained)
     print(
