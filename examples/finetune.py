@@ -193,7 +193,7 @@ def plot(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="steps per fine-tuning run")
-    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--mc-samples", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/finetune", help="output folder")
