@@ -25,7 +25,16 @@ import ml_dtypes
 import numpy as np
 
 from ._selectors import few
-from ._status import ARRAY_TYPES, MARK_TYPES, Buffer, Frozen, Status, status_of
+from ._status import (
+    MARK_TYPES,
+    Buffer,
+    Frozen,
+    Status,
+    is_array_leaf,
+    marked_like,
+    status_of,
+    unmarked,
+)
 from ._tree import (
     check_model,
     dotted,
@@ -181,12 +190,8 @@ def read_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, s
 # -- models ------------------------------------------------------------------------------
 
 
-def _is_array_leaf(leaf: Any) -> bool:
-    return type(leaf) in MARK_TYPES or isinstance(leaf, ARRAY_TYPES)
-
-
 def _host(leaf: Any) -> tuple[np.ndarray, str | None]:
-    array = leaf.value if type(leaf) in MARK_TYPES else leaf
+    array = unmarked(leaf)
     if isinstance(array, jax.Array) and jnp.issubdtype(array.dtype, jax.dtypes.prng_key):
         return np.asarray(jax.random.key_data(array)), str(jax.random.key_impl(array))
     return np.asarray(array), None
@@ -216,12 +221,12 @@ def save(path: PathLike, model: Any) -> None:
     arrays: dict[str, np.ndarray] = {}
     frozen, buffers, keys = [], [], {}
     for key_path, leaf in zip(paths, leaves):
-        if not _is_array_leaf(leaf):
+        if not is_array_leaf(leaf):
             continue
         name = dotted(key_path)
         if name in arrays:
             raise CheckpointError(f"cannot save: two arrays share the path {name!r}")
-        if isinstance(leaf.value if type(leaf) in MARK_TYPES else leaf, jax.core.Tracer):
+        if isinstance(unmarked(leaf), jax.core.Tracer):
             raise CheckpointError(
                 f"cannot save {name!r}: it is a traced value (treenn.save was called inside "
                 "jit, grad, vmap...); save the model the transformed function returns"
@@ -269,7 +274,7 @@ def load(path: PathLike, like: T) -> T:
     arrays, metadata = read_safetensors(path)
     meta = _metadata(path, metadata)
     paths, leaves, treedef = flatten(like)
-    names = [dotted(p) if _is_array_leaf(x) else None for p, x in zip(paths, leaves)]
+    names = [dotted(p) if is_array_leaf(x) else None for p, x in zip(paths, leaves)]
     _check_arrays(path, arrays, [(n, x) for n, x in zip(names, leaves) if n is not None])
     frozen = set(meta["frozen"]) if meta else None
     keys = meta["keys"] if meta else {}
@@ -282,7 +287,7 @@ def load(path: PathLike, like: T) -> T:
         value: Any = np.array(stored) if _is_numpy(leaf) else jnp.asarray(stored)
         if name in keys:
             value = jax.random.wrap_key_data(value, impl=keys[name])
-        like_array = leaf.value if type(leaf) in MARK_TYPES else leaf
+        like_array = unmarked(leaf)
         if isinstance(like_array, jax.Array) and not isinstance(
             like_array.sharding, jax.sharding.SingleDeviceSharding
         ):
@@ -291,7 +296,7 @@ def load(path: PathLike, like: T) -> T:
         if type(leaf) is Buffer:
             value = Buffer(value)
         elif frozen is None:
-            value = type(leaf)(value) if type(leaf) in MARK_TYPES else value
+            value = marked_like(leaf, value)
         elif name in frozen:
             value = Frozen(value)
         new.append(value)
@@ -352,7 +357,7 @@ def load_pretrained(
     wrong: list[str] = []
     new = []
     for key_path, leaf in zip(paths, leaves):
-        name = dotted(key_path) if _is_array_leaf(leaf) else None
+        name = dotted(key_path) if is_array_leaf(leaf) else None
         if name is None or name not in arrays:
             if name is not None:
                 missing.append(name)

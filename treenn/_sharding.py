@@ -17,7 +17,7 @@ from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._selectors import Selection, describe, few, select
-from ._status import ARRAY_TYPES, MARK_TYPES
+from ._status import is_array_leaf, marked_like, unmarked
 from ._tree import STOP_MODULE, check_model, dotted, flatten, is_module, no_gc, unflatten
 
 T = TypeVar("T")
@@ -93,9 +93,9 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
     resolved = [_Rule(where, spec, model) for where, spec in specs]
     paths, leaves, treedef = flatten(model)
     names = [dotted(p) for p in paths]
-    arrays = [i for i, x in enumerate(leaves) if type(x) in MARK_TYPES or _is_array(x)]
+    arrays = [i for i, x in enumerate(leaves) if is_array_leaf(x)]
     chosen = _match([names[i] for i in arrays], resolved, isinstance(rules, Mapping))
-    values = [_value(leaves[i]) for i in arrays]
+    values = [unmarked(leaves[i]) for i in arrays]
     _check_fit(model, mesh, [names[i] for i in arrays], values, chosen)
     shardings = [NamedSharding(mesh, rule.spec) for rule in chosen]
     if any(isinstance(v, Tracer) for v in values):
@@ -106,16 +106,8 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
         placed = jax.device_put(values, shardings)
     new = list(leaves)
     for i, value in zip(arrays, placed):
-        new[i] = type(leaves[i])(value) if type(leaves[i]) in MARK_TYPES else value
+        new[i] = marked_like(leaves[i], value)
     return unflatten(treedef, new)
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, ARRAY_TYPES)
-
-
-def _value(leaf: Any) -> Any:
-    return leaf.value if type(leaf) in MARK_TYPES else leaf
 
 
 # -- rules ------------------------------------------------------------------------------

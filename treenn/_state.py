@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import jax
 import jax.extend.core as jex
 
-from ._status import MARK_TYPES
+from ._status import MARK_TYPES, marked_like
 from ._tree import check_model, flatten, replace_fields, unflatten
 
 T = TypeVar("T")
@@ -160,8 +160,5 @@ def _write(model: Any, updates: dict[int, tuple[Any, dict[str, Any]]]) -> Any:
 def _updated(module: Any, values: dict[str, Any]) -> Any:
     state = module.__dict__
     # Keep each field's status mark (a Buffer stays a Buffer).
-    changes = {
-        name: type(state[name])(value) if type(state[name]) in MARK_TYPES else value
-        for name, value in values.items()
-    }
+    changes = {name: marked_like(state[name], value) for name, value in values.items()}
     return replace_fields(module, **changes)

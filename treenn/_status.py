@@ -174,6 +174,21 @@ def is_mark(x: Any) -> bool:
     return type(x) in MARK_TYPES
 
 
+def is_array_leaf(leaf: Any) -> bool:
+    """An array leaf of a model as the walker sees it: an array or a marked one."""
+    return type(leaf) in MARK_TYPES or isinstance(leaf, ARRAY_TYPES)
+
+
+def unmarked(leaf: Any) -> Any:
+    """The array inside a status mark, or `leaf` itself when it is not marked."""
+    return leaf.value if type(leaf) in MARK_TYPES else leaf
+
+
+def marked_like(leaf: Any, value: Any) -> Any:
+    """`value` in the status mark `leaf` has (as it is when `leaf` has none)."""
+    return type(leaf)(value) if type(leaf) in MARK_TYPES else value
+
+
 _INEXACT: dict[Any, bool] = {}
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._status import ARRAY_TYPES, MARK_TYPES, Status, status_of
+from ._status import ARRAY_TYPES, Status, status_of, unmarked
 from ._tree import check_model, dotted, is_mode_bearing, modules, no_gc
 
 _HEADER = ("path", "module", "shape", "dtype", "params", "status", "mode")
@@ -40,7 +40,7 @@ def rows(model: Any) -> list[tuple[str, str, str, str, int, str, str, int]]:
             if status is None:
                 continue
             arrays += 1
-            array = leaf.value if type(leaf) in MARK_TYPES else leaf
+            array = unmarked(leaf)
             size = int(math.prod(array.shape))
             nbytes = size * np.dtype(array.dtype).itemsize
             out.append(

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ._checkpoints import CheckpointError, LoadReport, _is_array_leaf, _is_numpy, read_safetensors
-from ._status import MARK_TYPES
+from ._checkpoints import CheckpointError, LoadReport, _is_numpy, read_safetensors
+from ._status import is_array_leaf, marked_like, unmarked
 from ._tree import check_model, dotted, flatten, no_gc, unflatten
 
 T = TypeVar("T")
@@ -247,7 +247,7 @@ def _fit(value: np.ndarray, like: Any) -> np.ndarray | None:
 
 def _is_abstract(leaf: Any) -> bool:
     """A `jax.eval_shape` placeholder: a model built without initialising it."""
-    return isinstance(leaf.value if type(leaf) in MARK_TYPES else leaf, jax.ShapeDtypeStruct)
+    return isinstance(unmarked(leaf), jax.ShapeDtypeStruct)
 
 
 def _describe(array: Any) -> str:
@@ -256,7 +256,7 @@ def _describe(array: Any) -> str:
 
 def _place(value: np.ndarray, leaf: Any) -> Any:
     """`value` as the model's leaf was: NumPy or a JAX array (on its devices), in its mark."""
-    array = leaf.value if type(leaf) in MARK_TYPES else leaf
+    array = unmarked(leaf)
     # A copy: a torch tensor's NumPy view shares its memory, and JAX on CPU may keep
     # using a NumPy buffer as it is, so an optimiser step on the torch model (in place)
     # would otherwise change the loaded model too.
@@ -266,7 +266,7 @@ def _place(value: np.ndarray, leaf: Any) -> Any:
         new = jax.device_put(new, array.sharding)
     elif not _is_numpy(leaf):
         new = jnp.asarray(new)
-    return type(leaf)(new) if type(leaf) in MARK_TYPES else new
+    return marked_like(leaf, new)
 
 
 # -- the public function ------------------------------------------------------------------
@@ -350,7 +350,7 @@ def load_torch(
     done = _Outcome()
     paths, leaves, treedef = flatten(model)
     new = [
-        done.fill(dotted(p), leaf, matcher) if _is_array_leaf(leaf) or _is_abstract(leaf) else leaf
+        done.fill(dotted(p), leaf, matcher) if is_array_leaf(leaf) or _is_abstract(leaf) else leaf
         for p, leaf in zip(paths, leaves)
     ]
     unexpected = matcher.unused()
