@@ -10,6 +10,15 @@ from ._transforms import _is_none, structure_mismatch, trainable
 from ._tree import check_model, dotted, flatten, unflatten
 
 
+def check_transform(tx: Any, fn: str) -> None:
+    """Reject what is not an optax transform before it fails deep inside optax."""
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(
+            f"{fn}: tx={tx!r} is not an optax transform (it needs `init` and `update`), "
+            "e.g. `optax.adam(1e-3)`"
+        )
+
+
 def migrate_opt_state(tx: Any, opt_state: Any, model: Any) -> Any:
     """Carry an optax state over to the model's current trainable arrays.
 
@@ -36,11 +45,7 @@ def migrate_opt_state(tx: Any, opt_state: Any, model: Any) -> Any:
         ```
     """
     check_model(model, "treenn.migrate_opt_state")
-    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-        raise TypeError(
-            f"migrate_opt_state: tx={tx!r} is not an optax transform (it needs `init` and "
-            "`update`); pass the transform `opt_state` was made by, e.g. `optax.adam(1e-3)`"
-        )
+    check_transform(tx, "migrate_opt_state")
     fresh = tx.init(trainable(model))
     new_paths, new_leaves, new_def = flatten(fresh, _is_none)
     old_paths, old_leaves, old_def = flatten(opt_state, _is_none)

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from ._jit import Donate, jit
+from ._optimizers import check_transform
 from ._selectors import few
 from ._state import run
 from ._status import is_array, is_mark
@@ -68,11 +69,7 @@ def train_step(
         loss, aux = out if has_aux else (out, None)
         return loss, (aux, model)
 
-    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-        raise TypeError(
-            f"train_step: tx={tx!r} is not an optax transform (it needs `init` and "
-            "`update`), e.g. `optax.adam(1e-3)`"
-        )
+    check_transform(tx, "train_step")
     grad_fn = value_and_grad(collecting, has_aux=True)
 
     def step(model: Any, opt_state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
@@ -89,6 +86,7 @@ def _check_opt_state(tx: Any, opt_state: Any, model: Any) -> None:
     expected = jax.eval_shape(tx.init, trainable(model))
     if leaves(expected)[1] == leaves(opt_state)[1]:
         return
+    # Without `None`s (a frozen array's place in the state) the trainable sets differ by path.
     have = {dotted(p) for p in flatten(opt_state)[0]}
     want = {dotted(p) for p in flatten(expected)[0]}
     raise ValueError(
