@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from ._module import fit_class, fitted_class
 from ._selectors import Selection, Where, no_match, select
-from ._status import Buffer, Frozen, is_array, is_float_array, is_mark
+from ._status import Buffer, Frozen, is_array, is_inexact, is_mark
 from ._tree import (
     STOP_FOREIGN,
     KeyPath,
@@ -150,7 +150,7 @@ def _walk(tree: Any, covers: Any, frozen: bool, prefix: KeyPath, report: _Report
             new = _walk_shallow(leaf, covers, frozen, path, report)
             if new is None:
                 new = _walk(leaf, covers, frozen, path, report)
-        elif kind == _FROZEN or (kind == _ARRAY and _trainable(leaf)):
+        elif kind == _FROZEN or (kind == _ARRAY and is_inexact(leaf.dtype)):
             if paths is not None:
                 name = dotted(prefix + paths[i])
                 report.parameters.append(name)
@@ -177,7 +177,6 @@ def _set_status(leaf: Any, frozen: bool) -> Any:
 # What a field value is to a walk, by type: see `_value_kind`.
 _OTHER, _ARRAY, _FROZEN, _BUFFER, _NODE = range(5)
 _KINDS: dict[type, int] = {Frozen: _FROZEN, Buffer: _BUFFER}
-_FLOAT: dict[Any, bool] = {}  # dtype -> whether it is floating-point (trainable)
 
 
 def _value_kind(value: Any) -> int:
@@ -189,14 +188,6 @@ def _value_kind(value: Any) -> int:
             kind = _OTHER if holds_nothing(value) else _NODE
         _KINDS[type(value)] = kind
     return kind
-
-
-def _trainable(array: Any) -> bool:
-    dtype = array.dtype
-    known = _FLOAT.get(dtype)
-    if known is None:
-        known = _FLOAT[dtype] = is_float_array(array)
-    return known
 
 
 # Module class -> (dynamic field names, class when holding marks, class when not).
@@ -239,8 +230,7 @@ def _walk_shallow(
         if kind == _OTHER:
             continue
         if kind == _ARRAY:
-            dtype_float = _FLOAT.get(value.dtype)
-            if not (_trainable(value) if dtype_float is None else dtype_float):
+            if not is_inexact(value.dtype):
                 continue
         elif kind == _BUFFER:
             marked = True

@@ -192,7 +192,8 @@ def marked_like(leaf: Any, value: Any) -> Any:
 _INEXACT: dict[Any, bool] = {}
 
 
-def _is_inexact(dtype: Any) -> bool:
+def is_inexact(dtype: Any) -> bool:
+    """Whether `dtype` is floating-point or complex (a trainable array's)."""
     # jnp.issubdtype knows bfloat16 and friends, but is slow: cache per dtype.
     known = _INEXACT.get(dtype)
     if known is None:
@@ -201,13 +202,13 @@ def _is_inexact(dtype: Any) -> bool:
 
 
 def is_float_array(x: Any) -> bool:
-    return is_array(x) and _is_inexact(x.dtype)
+    return is_array(x) and is_inexact(x.dtype)
 
 
 def status_of(leaf: Any) -> Status:
     """Status of a leaf of a tree flattened with marks as leaves."""
     if type(leaf) in MARK_TYPES:
         return leaf.status
-    if is_array(leaf) and _is_inexact(leaf.dtype):
+    if is_array(leaf) and is_inexact(leaf.dtype):
         return Status.TRAINABLE
     return Status.STATIC
