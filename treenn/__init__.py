@@ -14,6 +14,8 @@ from ._freezing import (
     unfreeze as unfreeze,
 )
 from ._jit import jit as jit
+from ._labels import Labels as Labels, labels as labels, layer_decay as layer_decay
+from ._lora import load_trainable as load_trainable, lora as lora, merge_lora as merge_lora
 from ._module import Module as Module
 from ._optimizers import migrate_opt_state as migrate_opt_state
 from ._selectors import Where as Where

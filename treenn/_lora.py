@@ -1,0 +1,517 @@
+"""LoRA by tree surgery: `treenn.lora`, `treenn.merge_lora` and adapter-only checkpoints.
+
+An adapted layer is an instance of a statically defined subclass of its layer class
+(`LoRALinear` is an `nn.Linear`), so `isinstance`, paths and pickling keep working. It
+holds the layer's own fields (weight and bias frozen, paths unchanged) plus `lora_A`,
+`lora_B` (PEFT's layouts), `lora_dropout` (an `nn.Dropout`, or `nn.Identity` when
+`dropout=0`, as in PEFT) and the static `scaling = alpha / rank`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._module import Module, fit_class, fitted_class
+from ._selectors import Where, describe, no_match, select
+from ._status import Frozen, is_inexact, marked_like, unmarked
+from ._tree import by_type, check_model, dotted, map_stopped, no_gc, state_of
+from .nn._attention import MultiheadAttention
+from .nn._conv import Conv1d, Conv2d, Conv3d, _ConvNd
+from .nn._dropout import Dropout
+from .nn._init import torch_uniform
+from .nn._linear import Identity, Linear
+
+T = TypeVar("T")
+
+
+class _Adapter(Module):
+    """Fields and merging shared by every adapted layer.
+
+    `lora_A` is `(rank, in_features)` (convolutions: `(rank, in_channels, *kernel)`),
+    `lora_B` is `(out_features, rank)` (convolutions: `(out_channels, rank, 1, ...)`);
+    the adapter adds `scaling * lora_B(lora_A(lora_dropout(x)))` to the layer's output.
+    """
+
+    lora_A: Float[Array, "rank ..."]
+    lora_B: Float[Array, "out rank ..."]
+    lora_dropout: Dropout | Identity
+    scaling: float = eqx.field(static=True)
+
+    # The field the adapter is folded into by `merge_lora`.
+    _merged_field = "weight"
+
+    def _delta_weight(self) -> jax.Array:
+        """`scaling * lora_B @ lora_A`, shaped like the merged weight (float32 at least)."""
+        a, b = self.lora_A, self.lora_B
+        dtype = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
+        rank = a.shape[0]
+        delta = b.reshape((b.shape[0], rank)).astype(dtype) @ a.reshape((rank, -1)).astype(dtype)
+        base = getattr(self, self._merged_field)
+        return (delta * self.scaling).reshape(base.shape)
+
+    def _key(self, key: PRNGKeyArray | None) -> PRNGKeyArray | None:
+        dropout = self.lora_dropout
+        if key is None and isinstance(dropout, Dropout) and not dropout.inference:
+            raise ValueError(
+                f"{type(self).__name__}: the LoRA adapter's dropout (lora_dropout, "
+                f"p={dropout.p}) is in training mode and needs `key=`; the layer was called "
+                "without one (treenn's Attention and MLP call their Linear layers without a "
+                "key). Use lora(..., dropout=0.0), call the layer with a key, or switch the "
+                "adapters to evaluation mode: nn.eval_mode(model, '**.lora_dropout')"
+            )
+        return key
+
+
+def _view(cls: type, layer: Any, **changes: Any) -> Any:
+    """`layer`'s base fields (not the adapter's) as a `cls` instance, some changed."""
+    state = {k: v for k, v in state_of(layer).items() if k not in _ADAPTER_FIELDS}
+    state.update(changes)
+    view: Any = object.__new__(cls)
+    object.__setattr__(view, "__dict__", state)
+    return view
+
+
+_ADAPTER_FIELDS = frozenset({"lora_A", "lora_B", "lora_dropout", "scaling"})
+
+
+def _matmul_out(h: jax.Array, b: jax.Array, axis: int) -> jax.Array:
+    """`lora_B` as a 1x1 convolution (or a Linear): contract `h`'s feature `axis`."""
+    b2 = b.reshape((b.shape[0], b.shape[1]))
+    return jnp.moveaxis(jnp.tensordot(h, b2, axes=((axis,), (1,))), -1, axis)
+
+
+# -- treenn's layers --------------------------------------------------------------------
+
+
+class LoRALinear(_Adapter, Linear):
+    """An `nn.Linear` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(
+        self, x: Float[Array, "*batch in_features"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch out_features"]:
+        y = Linear.__call__(self, x)
+        h = self.lora_dropout(x, key=self._key(key))
+        return y + (h @ self.lora_A.T) @ self.lora_B.T * self.scaling
+
+
+class _LoRAConvNd(_Adapter):
+    """`lora_A` is a convolution with the layer's kernel, stride, padding and dilation
+    to `rank` channels, `lora_B` a 1x1 convolution (PEFT's)."""
+
+    def _adapted(self, base: type, x: jax.Array, key: PRNGKeyArray | None) -> jax.Array:
+        y = base._forward(self, x)
+        h = self.lora_dropout(x, key=self._key(key))
+        rank = self.lora_A.shape[0]
+        down = _view(base, self, weight=self.lora_A, bias=None, out_channels=rank, groups=1)
+        h = down._forward(h)
+        return y + _matmul_out(h, self.lora_B, -1) * self.scaling
+
+
+class LoRAConv1d(_LoRAConvNd, Conv1d):
+    """An `nn.Conv1d` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(
+        self, x: Float[Array, "*batch length in_channels"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*batch out_length out_channels"]:
+        return self._adapted(Conv1d, x, key)
+
+
+class LoRAConv2d(_LoRAConvNd, Conv2d):
+    """An `nn.Conv2d` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(
+        self,
+        x: Float[Array, "*batch height width in_channels"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "*batch out_height out_width out_channels"]:
+        return self._adapted(Conv2d, x, key)
+
+
+class LoRAConv3d(_LoRAConvNd, Conv3d):
+    """An `nn.Conv3d` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(
+        self,
+        x: Float[Array, "*batch depth height width in_channels"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "*batch out_depth out_height out_width out_channels"]:
+        return self._adapted(Conv3d, x, key)
+
+
+class LoRAMultiheadAttention(_Adapter, MultiheadAttention):
+    """An `nn.MultiheadAttention` whose fused input projection `in_proj_weight` has a
+    LoRA adapter (made by `treenn.lora`); `out_proj` gets its own (a `LoRALinear`).
+
+    As in PEFT, the in-projection adapter is folded into `in_proj_weight` for the call,
+    so it takes no dropout.
+    """
+
+    _merged_field = "in_proj_weight"
+
+    def __call__(self, query: Any, kv: Any = None, value: Any = None, **kwargs: Any) -> Any:
+        assert self.in_proj_weight is not None
+        weight = self.in_proj_weight
+        merged = weight + self._delta_weight().astype(weight.dtype)
+        base = _view(MultiheadAttention, self, in_proj_weight=merged)
+        return MultiheadAttention.__call__(base, query, kv, value, **kwargs)
+
+
+# -- Equinox's layers (unbatched, channels-first) -------------------------------------
+
+
+class LoRAEqxLinear(_Adapter, eqx.nn.Linear):
+    """An `equinox.nn.Linear` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        y = eqx.nn.Linear.__call__(self, x)
+        h = self.lora_dropout(x, key=self._key(key))
+        h = jnp.reshape(h, (1,)) if self.in_features == "scalar" else h
+        delta = self.lora_B @ (self.lora_A @ h) * self.scaling
+        return y + (delta[0] if self.out_features == "scalar" else delta)
+
+
+class _LoRAEqxConv(_Adapter):
+    def _adapted(self, base: type, x: jax.Array, key: PRNGKeyArray | None) -> jax.Array:
+        y = base.__call__(self, x)
+        h = self.lora_dropout(x, key=self._key(key))
+        rank = self.lora_A.shape[0]
+        down = _view(
+            base, self, weight=self.lora_A, bias=None, use_bias=False, out_channels=rank, groups=1
+        )
+        return y + _matmul_out(down(h), self.lora_B, 0) * self.scaling
+
+
+class LoRAEqxConv(_LoRAEqxConv, eqx.nn.Conv):
+    """An `equinox.nn.Conv` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        return self._adapted(eqx.nn.Conv, x, key)
+
+
+class LoRAEqxConv1d(_LoRAEqxConv, eqx.nn.Conv1d):
+    """An `equinox.nn.Conv1d` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        return self._adapted(eqx.nn.Conv1d, x, key)
+
+
+class LoRAEqxConv2d(_LoRAEqxConv, eqx.nn.Conv2d):
+    """An `equinox.nn.Conv2d` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        return self._adapted(eqx.nn.Conv2d, x, key)
+
+
+class LoRAEqxConv3d(_LoRAEqxConv, eqx.nn.Conv3d):
+    """An `equinox.nn.Conv3d` with a LoRA adapter (made by `treenn.lora`)."""
+
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        return self._adapted(eqx.nn.Conv3d, x, key)
+
+
+# Layer class -> its adapted class (exact classes: a user's subclass may call its
+# weight differently, so it is refused rather than silently adapted wrongly).
+ADAPTED: dict[type, type] = {
+    Linear: LoRALinear,
+    Conv1d: LoRAConv1d,
+    Conv2d: LoRAConv2d,
+    Conv3d: LoRAConv3d,
+    MultiheadAttention: LoRAMultiheadAttention,
+    eqx.nn.Linear: LoRAEqxLinear,
+    eqx.nn.Conv: LoRAEqxConv,
+    eqx.nn.Conv1d: LoRAEqxConv1d,
+    eqx.nn.Conv2d: LoRAEqxConv2d,
+    eqx.nn.Conv3d: LoRAEqxConv3d,
+}
+BASE: dict[type, type] = {adapted: base for base, adapted in ADAPTED.items()}
+_ADAPTABLE = (Linear, _ConvNd, MultiheadAttention, eqx.nn.Linear, eqx.nn.Conv)
+_STOP_LAYER = by_type(lambda kind: issubclass(kind, _ADAPTABLE))
+_STOP_ADAPTER = by_type(lambda kind: issubclass(kind, _Adapter))
+_KINDS = "layer that takes a LoRA adapter (Linear, Conv1d/2d/3d or MultiheadAttention)"
+
+
+def _own_fields(base: type) -> tuple[str, ...]:
+    """The layer arrays `lora` freezes (PEFT's `bias="none"`)."""
+    if base is MultiheadAttention:
+        return ("in_proj_weight", "in_proj_bias")
+    return ("weight", "bias")
+
+
+def _check_layer(path: str, layer: Any, base: type, dropout: float) -> None:
+    if base is MultiheadAttention:
+        if layer.in_proj_weight is None:
+            raise ValueError(
+                f"treenn.lora: {path!r} is an nn.MultiheadAttention with separate q/k/v "
+                "projection weights (kdim or vdim differ from embed_dim); only the fused "
+                "in_proj_weight takes an adapter (as in PEFT). Select its out_proj alone, or "
+                "leave the layer out of the selection"
+            )
+        if dropout:
+            raise ValueError(
+                f"treenn.lora: dropout={dropout} on {path!r}, an nn.MultiheadAttention: its "
+                "in-projection adapter is folded into in_proj_weight for the call (as PEFT "
+                "does), which leaves no input to drop; use dropout=0.0 for this layer"
+            )
+    groups = getattr(layer, "groups", 1)
+    if groups != 1:
+        raise ValueError(
+            f"treenn.lora: {path!r} is a grouped convolution (groups={groups}); a LoRA "
+            "adapter on it could not be merged into its weight. Leave it out of the selection"
+        )
+
+
+def _adapt(
+    layer: Any,
+    base: type,
+    *,
+    rank: int,
+    scaling: float,
+    dropout: Any,
+    key: PRNGKeyArray,
+) -> Any:
+    """`layer` as its adapted class: own arrays frozen, adapter added."""
+    state = dict(state_of(layer))
+    for name in _own_fields(base):
+        value = state.get(name)
+        if value is not None and type(value) is not Frozen and is_inexact(value.dtype):
+            state[name] = Frozen(value)
+    weight = unmarked(state[_own_fields(base)[0]])
+    out, fan_in_shape = weight.shape[0], weight.shape[1:]
+    in_features = fan_in_shape[0]
+    spatial = tuple(fan_in_shape[1:])  # kernel size (convolutions), () otherwise
+    a_shape = (rank, in_features, *spatial)
+    fan_in = in_features * math.prod(spatial)
+    state["lora_A"] = torch_uniform(key, a_shape, fan_in, weight.dtype)
+    state["lora_B"] = jnp.zeros((out, rank, *(1,) * len(spatial)), weight.dtype)
+    state["lora_dropout"] = dropout
+    state["scaling"] = scaling
+    new: Any = object.__new__(ADAPTED[base])
+    object.__setattr__(new, "__dict__", state)
+    return new
+
+
+@no_gc()
+def lora(
+    model: T,
+    where: Where,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    key: PRNGKeyArray,
+) -> T:
+    """Add a low-rank adapter (LoRA) to every selected Linear, convolution and attention
+    projection, treenn's and Equinox's, as Hugging Face PEFT's `LoraConfig(target_modules
+    =...)` + `get_peft_model`.
+
+    Each selected layer becomes its adapted subclass (`nn.Linear` -> `LoRALinear`, still an
+    `nn.Linear`): its own weight and bias are frozen and keep their paths (PEFT's
+    `bias="none"`), and it gains `lora_A` `(rank, in_features)` and `lora_B`
+    `(out_features, rank)` (PEFT's layouts), adding `alpha / rank * lora_B @ lora_A @
+    dropout(x)` to its output. Convolutions follow PEFT too: `lora_A` is a convolution
+    with the layer's kernel size, stride, padding and dilation to `rank` channels, `(rank,
+    in_channels, *kernel)`, and `lora_B` a 1x1 convolution `(out_channels, rank, 1, 1)`.
+    `lora_B` starts at zero, so the model's outputs are unchanged until it trains;
+    `lora_A` is initialised as PEFT's (Kaiming-uniform, `U(±1/sqrt(fan_in))`).
+
+    Attention: timm-style `nn.Attention` has Linear layers `qkv` (fused, one adapter, as
+    PEFT) and `proj`; `nn.MultiheadAttention` gets one adapter on its fused
+    `in_proj_weight` (at `<path>.lora_A`, `lora_B` of shape `(3 * embed_dim, rank)`)
+    and `out_proj` its own; Equinox's `MultiheadAttention` is four `eqx.nn.Linear`s,
+    each adapted.
+
+    **Arguments:**
+
+    - `model`: a treenn or Equinox model.
+    - `where`: which layers (see selectors): `"**.attn.qkv"`, `nn.Linear`, a getter...
+        Every adaptable layer whose path the selection covers is adapted, so selecting
+        a block adapts all its layers; `None` adapts every one.
+    - `rank`: the adapters' rank `r` (>= 1).
+    - `alpha`: LoRA's `alpha`; the scaling is `alpha / rank`. `None` means `rank`
+        (scaling 1).
+    - `dropout`: dropout on the adapter's input (PEFT's `lora_dropout`): an
+        `nn.Dropout` at `<path>.lora_dropout`, mode-bearing, switched with the rest of
+        the model by `nn.eval_mode`/`nn.train_mode` (pins included). It starts in
+        evaluation mode when every mode-bearing module of the model is, else in
+        training mode. `0.0` puts an `nn.Identity` there, as PEFT does. In training
+        mode the layer then needs `key=`, which treenn's `Attention` and `MLP` do not
+        pass to their Linear layers: there, keep `dropout=0.0`.
+    - `key`: PRNG key for `lora_A`.
+
+    **Returns:** the adapted model; `model` is unchanged. The adapters are trainable;
+    everything outside the selected layers keeps its status (freeze the rest with
+    `treenn.freeze` as usual: `lora` after `freeze` leaves only the adapters
+    trainable). Raises `ValueError` naming the selector when it selects no adaptable
+    layer, or naming the path of an already adapted layer, a grouped convolution, or an
+    `nn.MultiheadAttention` with separate q/k/v weights; `TypeError` for a selected
+    subclass of a supported layer (its own `__call__` could ignore the adapter).
+
+    !!! Example
+
+        ```python
+        model = treenn.freeze(model)
+        model = treenn.lora(model, "blocks.*.attn.*", rank=8, alpha=16, key=key)
+        model = treenn.unfreeze(model, "head")       # a new head trains fully
+        opt_state = tx.init(treenn.trainable(model)) # adapters and head only
+        ```
+    """
+    check_model(model, "treenn.lora")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"treenn.lora: rank={rank!r} must be an int >= 1")
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
+    ):
+        raise ValueError(f"treenn.lora: alpha={alpha!r} must be a positive number (or None)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"treenn.lora: dropout={dropout!r} must be in [0, 1)")
+    if not _is_prng_key(key):
+        raise TypeError(
+            f"treenn.lora: key={key!r} is not a PRNG key; pass e.g. jax.random.key(0)"
+        )
+    selection = select(where, model)
+    scaling = float(rank if alpha is None else alpha) / rank
+    inference = _all_eval(model)
+    adapted: list[str] = []
+    candidates: list[str] = []
+
+    def adapt(path: Any, layer: Any) -> Any:
+        name = dotted(path)
+        candidates.append(name)
+        if selection is not None and not selection.covers(name):
+            return layer
+        kind = fitted_class(type(layer), False)
+        if kind in BASE:
+            raise ValueError(
+                f"treenn.lora: {name!r} already has a LoRA adapter ({kind.__name__}); "
+                "merge it first with treenn.merge_lora, or leave it out of the selection"
+            )
+        base = kind if kind in ADAPTED else None
+        if base is None:
+            raise TypeError(
+                f"treenn.lora: {name!r} is a {kind.__qualname__}, a subclass of a layer "
+                "treenn adapts; its own __call__ could bypass the adapter, so it is not "
+                f"adapted. Leave it out of the selection (where={describe(where)})"
+            )
+        _check_layer(name, layer, base, dropout)
+        drop = Dropout(float(dropout), inference=inference) if dropout else Identity()
+        new = _adapt(
+            layer,
+            base,
+            rank=rank,
+            scaling=scaling,
+            dropout=drop,
+            key=jax.random.fold_in(key, len(adapted)),
+        )
+        adapted.append(name)
+        return new
+
+    out = map_stopped(model, _STOP_LAYER, adapt)
+    if _STOP_LAYER(out):
+        out = adapt((), out)
+    if not adapted:
+        if selection is None:
+            raise ValueError(f"treenn.lora: the model has no {_KINDS}")
+        raise no_match(where, _KINDS, candidates)
+    return out
+
+
+def _is_prng_key(key: Any) -> bool:
+    dtype = getattr(key, "dtype", None)
+    if dtype is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return dtype == jnp.uint32 and tuple(key.shape) == (2,)
+
+
+def _all_eval(model: Any) -> bool:
+    from .nn import modes
+
+    found = modes(model)
+    return bool(found) and all(found.values())
+
+
+@no_gc()
+def merge_lora(model: T) -> T:
+    """Fold every LoRA adapter into its layer's weight, as PEFT's `merge_and_unload`.
+
+    **Arguments:**
+
+    - `model`: a model adapted by `treenn.lora`.
+
+    **Returns:** a plain model: each adapted layer is again its original class (an
+    `nn.Linear`, an `eqx.nn.Conv2d`...), with `weight + alpha / rank * lora_B @
+    lora_A` as its weight, which keeps the base weight's status (frozen, since
+    `lora`); the adapters and their dropout are gone. Its outputs equal the adapted
+    model's to float32 rounding, at the base model's cost. Raises `ValueError` when the
+    model has no adapter.
+
+    !!! Example
+
+        ```python
+        served = treenn.merge_lora(model)
+        treenn.save("served.eqx", served)
+        ```
+    """
+    check_model(model, "treenn.merge_lora")
+    merged: list[str] = []
+
+    def merge(path: Any, layer: Any) -> Any:
+        base = BASE[fitted_class(type(layer), False)]
+        field = layer._merged_field
+        stored = state_of(layer)[field]
+        weight = unmarked(stored)
+        delta = layer._delta_weight()
+        value = (weight.astype(delta.dtype) + delta).astype(weight.dtype)
+        merged.append(dotted(path))
+        return fit_class(_view(base, layer, **{field: marked_like(stored, value)}))
+
+    out = map_stopped(model, _STOP_ADAPTER, merge)
+    if _STOP_ADAPTER(out):
+        out = merge((), out)
+    if not merged:
+        raise ValueError("treenn.merge_lora: the model has no LoRA adapter (see treenn.lora)")
+    return out
+
+
+def load_trainable(path: str | os.PathLike[str], model: T) -> T:
+    """Load a checkpoint of trainable arrays only (`treenn.save(path,
+    treenn.trainable(model))`: LoRA adapters and a head, a few hundred kilobytes) onto
+    `model`, whose other arrays (the frozen base) come from elsewhere.
+
+    It is `treenn.combine(treenn.load(path, treenn.trainable(model)),
+    treenn.partition(model)[1])`: `model` must have the same trainable set as the saved
+    one (adapt it with the same `treenn.lora` call, freeze the same arrays); a
+    difference raises `treenn.load`'s error naming the paths.
+
+    **Arguments:**
+
+    - `path`: the file written by `treenn.save(path, treenn.trainable(model))`.
+    - `model`: the model to load onto, with its base weights already loaded.
+
+    **Returns:** `model` with its trainable arrays from the file.
+
+    !!! Example
+
+        ```python
+        treenn.save("adapters.eqx", treenn.trainable(model))      # kilobytes
+        base = treenn.load_torch(vit, "vit.pth")                     # the frozen base
+        model = treenn.lora(treenn.freeze(base), "**.qkv", rank=8, key=key)
+        model = treenn.load_trainable("adapters.eqx", model)
+        ```
+    """
+    from ._checkpoints import load
+    from ._transforms import combine, partition
+
+    check_model(model, "treenn.load_trainable")
+    params, rest = partition(model)
+    return combine(load(path, params), rest)
