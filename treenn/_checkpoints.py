@@ -2,35 +2,48 @@
 
 Arrays are stored under their PyTorch-style dotted paths, so a checkpoint is readable by
 any safetensors reader (and a PyTorch state dict maps onto it by name). Frozen status,
-modes and pins go in the header's metadata. The format is small enough to read and write
-here directly, which also covers dtypes the `safetensors` package cannot load into NumPy
-(bfloat16, float8).
+modes, pins, PRNG key types and Python `int`/`float`/`bool` leaves go in the header's
+metadata. The format is small enough to read and write here directly, which also covers
+dtypes the `safetensors` package cannot load into NumPy (bfloat16, float8).
 
 Writes are atomic: a temporary file in the same folder, fsync, then rename over the
-target, so a crash at any point leaves either the old checkpoint or the new one.
+target (a symlink's target), so a crash at any point leaves either the old checkpoint or
+the new one. Arrays are streamed to the file one at a time, and read back one at a time:
+neither direction holds a second copy of the model in host memory.
+
+Reading validates everything before it trusts it: a damaged or truncated file is a
+`CheckpointError` naming the file, never another exception or a silent change.
+
+All three loaders (`load`, `load_pretrained` and `treenn.load_torch`) put arrays into
+the model through `fill`, so they place, mark and fill abstract models alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import stat
 import struct
 import tempfile
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from ._modes import modes as modes_of, pinned as pinned_of, with_mode
 from ._selectors import few
 from ._status import (
-    MARK_TYPES,
     Buffer,
     Frozen,
+    Pinned,
     Status,
     is_array_leaf,
+    is_inexact,
     marked_like,
     status_of,
     unmarked,
@@ -38,14 +51,13 @@ from ._status import (
 from ._tree import (
     check_model,
     dotted,
-    field_names,
     fit_classes,
     flatten,
     is_mode_bearing,
     map_stopped,
     modules,
     no_gc,
-    replace_fields,
+    state_of,
     unflatten,
 )
 
@@ -72,7 +84,11 @@ _DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
 }
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
-_FORMAT = "treenn-1"
+# treenn-2 adds Python scalar leaves; treenn-1 files (without them) still load.
+_FORMAT = "treenn-2"
+_FORMATS = ("treenn-1", "treenn-2")
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the header's size
+_SCALARS: dict[str, type] = {"bool": bool, "int": int, "float": float}
 
 
 class CheckpointError(ValueError):
@@ -82,50 +98,127 @@ class CheckpointError(ValueError):
 # -- the safetensors container ---------------------------------------------------------
 
 
-def write_safetensors(
-    path: PathLike, arrays: dict[str, np.ndarray], metadata: dict[str, str]
-) -> None:
-    """Write `arrays` to `path` atomically in the safetensors format."""
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One array of a safetensors file: dtype, shape and byte span within the body."""
+
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _code(name: str, dtype: Any) -> str:
+    code = _CODES.get(np.dtype(dtype))
+    if code is None:
+        raise CheckpointError(f"cannot save {name!r}: dtype {dtype} has no safetensors code")
+    return code
+
+
+def write_safetensors(path: PathLike, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write `arrays` (host or device arrays) to `path` atomically, in the safetensors
+    format, streaming them one at a time."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    blobs = []
     for name, array in arrays.items():
-        dtype = np.dtype(array.dtype)
-        if dtype not in _CODES:
-            raise CheckpointError(f"cannot save {name!r}: dtype {dtype} has no safetensors code")
-        blob = np.ascontiguousarray(array).astype(dtype.newbyteorder("<"), copy=False).tobytes()
+        code = _code(name, array.dtype)
+        size = math.prod(array.shape) * np.dtype(array.dtype).itemsize
         header[name] = {
-            "dtype": _CODES[dtype],
+            "dtype": code,
             "shape": list(array.shape),
-            "data_offsets": [offset, offset + len(blob)],
+            "data_offsets": [offset, offset + size],
         }
-        offset += len(blob)
-        blobs.append(blob)
+        offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
-    if os.path.isdir(target):
-        raise IsADirectoryError(f"cannot save to {target!r}: it is a folder; name a file in it")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot save to {target!r}: the folder {folder!r} does not exist")
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix="." + os.path.basename(target) + ".", suffix=".tmp"
-    )
+    with _atomic(path) as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for array in arrays.values():
+            f.write(_bytes_of(array))
+
+
+def _bytes_of(array: Any) -> np.ndarray:
+    """`array`'s little-endian bytes, as a flat uint8 view where possible.
+
+    A device array is copied to a fresh host array first: `np.asarray` of a device array
+    would keep the host copy cached on the array, one per array, after `save` returns.
+    """
+    if isinstance(array, jax.Array) and any(d.platform != "cpu" for d in array.devices()):
+        array = jax.device_put(array, jax.devices("cpu")[0])
+    host = np.ascontiguousarray(np.asarray(array)).reshape(-1)
+    if host.dtype.byteorder == ">":
+        host = host.astype(host.dtype.newbyteorder("<"))
+    return host.view(np.uint8)
+
+
+class _atomic:  # noqa: N801 (a context manager used like a function)
+    """Write a file atomically: a temporary file beside the target, fsync, rename.
+
+    A symlink is resolved first, so the link keeps pointing at the (new) file. A new
+    file gets the permissions `open` would give it (0666 & ~umask), as `np.save` and
+    `torch.save` do; an overwritten file keeps its own.
+    """
+
+    def __init__(self, path: PathLike):
+        target = os.path.realpath(os.fspath(path))
+        folder = os.path.dirname(target)
+        if os.path.isdir(target):
+            raise IsADirectoryError(
+                f"cannot save to {os.fspath(path)!r}: it is a folder; name a file in it"
+            )
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"cannot save to {os.fspath(path)!r}: the folder {folder!r} does not exist"
+            )
+        self.target, self.folder = target, folder
+
+    def __enter__(self) -> BinaryIO:
+        fd, self.tmp = tempfile.mkstemp(
+            dir=self.folder, prefix="." + os.path.basename(self.target) + ".", suffix=".tmp"
+        )
+        try:
+            os.fchmod(fd, _mode_for(self.target))
+            self.file: BinaryIO = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.tmp)
+            raise
+        return self.file
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        try:
+            try:
+                if kind is None:
+                    self.file.flush()
+                    os.fsync(self.file.fileno())
+            finally:
+                self.file.close()
+            if kind is None:
+                os.replace(self.tmp, self.target)
+        except BaseException:
+            _remove(self.tmp)
+            raise
+        if kind is not None:
+            _remove(self.tmp)
+            return
+        _fsync_folder(self.folder)
+
+
+def _mode_for(target: str) -> int:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            for blob in blobs:
-                f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # the only way to read it; set straight back
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_folder(folder: str) -> None:
@@ -141,73 +234,274 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def read_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file into NumPy arrays and its metadata, validating it."""
-    name = os.fspath(path)
-    if not os.path.exists(name):
-        raise FileNotFoundError(f"no checkpoint at {name!r}")
-    with open(name, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise CheckpointError(
-            f"{name!r} is truncated or not a safetensors file ({len(data)} bytes)"
-        )
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > len(data) - 8:
-        raise CheckpointError(f"{name!r} is truncated or corrupt: its header claims {size} bytes")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"{name!r} is corrupt or not a safetensors file: bad header ({err})"
-        ) from err
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{name!r} is corrupt: the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + size :]
-    arrays = {}
-    for key, info in header.items():
+class SafetensorsFile:
+    """An open safetensors file whose header has been validated; arrays are read on
+    demand, one at a time (`read`)."""
+
+    def __init__(self, path: PathLike):
+        self.name = os.fspath(path)
+        self.label = repr(self.name)
+        if not os.path.exists(self.name):
+            raise FileNotFoundError(f"no checkpoint at {self.label}")
+        self.file = open(self.name, "rb")  # noqa: SIM115 (closed by close())
         try:
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{name!r} is corrupt: bad entry for {key!r} ({err!r})") from err
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if not 0 <= begin <= end <= len(body) or end - begin != expected:
+            self.entries, self.metadata = self._header()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
+
+    def corrupt(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.label} is truncated or corrupt: {why}")
+
+    def _header(self) -> tuple[dict[str, Entry], dict[str, str]]:
+        total = os.fstat(self.file.fileno()).st_size
+        if total < 8:
             raise CheckpointError(
-                f"{name!r} is truncated or corrupt: {key!r} needs bytes {begin}..{end} of "
-                f"{len(body)} (expected {expected} bytes for {dtype}{list(shape)})"
+                f"{self.label} is truncated or not a safetensors file ({total} bytes)"
             )
-        arrays[key] = (
-            np.frombuffer(body[begin:end], dtype.newbyteorder("<"))
-            .astype(dtype, copy=False)
-            .reshape(shape)
+        (size,) = struct.unpack("<Q", self.file.read(8))
+        if size > min(total - 8, _MAX_HEADER):
+            raise self.corrupt(f"its header claims {size} bytes of {total - 8}")
+        raw = self.file.read(size)
+        if len(raw) != size:
+            raise self.corrupt("the file shrank while it was read")
+        try:
+            header = json.loads(raw)
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+            raise self.corrupt(f"bad header, not safetensors JSON ({type(err).__name__})") from err
+        if not isinstance(header, dict):
+            raise self.corrupt("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self.corrupt("its __metadata__ is not a mapping of strings to strings")
+        self.body = 8 + size
+        entries = {key: self._entry(key, info) for key, info in header.items()}
+        self._check_tiling(entries, total - self.body)
+        return entries, metadata
+
+    def _entry(self, key: str, info: Any) -> Entry:
+        ok = isinstance(info, dict)
+        dtype = info.get("dtype") if ok else None
+        shape = info.get("shape") if ok else None
+        offsets = info.get("data_offsets") if ok else None
+        ok = (
+            ok
+            and isinstance(dtype, str)
+            and dtype in _DTYPES
+            and isinstance(shape, list)
+            and all(_is_count(s) for s in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_count(o) for o in offsets)
         )
-    return arrays, metadata
+        if not ok:
+            raise self.corrupt(f"bad entry for {key!r}: {_short(info)}")
+        entry = Entry(np.dtype(_DTYPES[dtype]), tuple(shape), offsets[0], offsets[1])
+        expected = math.prod(entry.shape) * entry.dtype.itemsize
+        if entry.end - entry.begin != expected:
+            raise self.corrupt(
+                f"{key!r} spans bytes {entry.begin}..{entry.end}, but {dtype}{list(shape)} "
+                f"needs {expected} bytes"
+            )
+        return entry
+
+    def _check_tiling(self, entries: dict[str, Entry], length: int) -> None:
+        """The arrays tile the body exactly, as the format requires: no gap, no overlap,
+        nothing cut off (a truncated file fails here)."""
+        at = 0
+        for key, entry in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+            if entry.begin != at:
+                raise self.corrupt(
+                    f"{key!r} starts at byte {entry.begin} of the data, expected {at}"
+                )
+            at = entry.end
+        if at != length:
+            raise self.corrupt(f"the arrays need {at} bytes of data, the file has {length}")
+
+    def read(self, key: str) -> np.ndarray:
+        """The array `key`, read into a fresh host array."""
+        entry = self.entries[key]
+        array = np.empty(entry.shape, entry.dtype.newbyteorder("<"))
+        self.file.seek(self.body + entry.begin)
+        if self.file.readinto(array.reshape(-1).view(np.uint8)) != entry.end - entry.begin:
+            raise self.corrupt(f"the file shrank while {key!r} was read")
+        return array.astype(entry.dtype, copy=False)
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        return {key: self.read(key) for key in self.entries}
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def read_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a whole safetensors file into NumPy arrays and its metadata, validating it."""
+    with SafetensorsFile(path) as file:
+        return file.read_all(), file.metadata
+
+
+# -- the one fill path of every loader ----------------------------------------------------
+
+
+def is_slot(leaf: Any) -> bool:
+    """An array position of a model a loader fills: an array, a marked one, or an
+    abstract one (`jax.eval_shape`'s `ShapeDtypeStruct`)."""
+    return is_array_leaf(leaf) or isinstance(unmarked(leaf), jax.ShapeDtypeStruct)
+
+
+def is_abstract(leaf: Any) -> bool:
+    return isinstance(unmarked(leaf), jax.ShapeDtypeStruct)
+
+
+def _is_key_dtype(dtype: Any) -> bool:
+    return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+
+
+def layout(leaf: Any) -> tuple[tuple[int, ...], np.dtype[Any], str | None]:
+    """What a slot holds as stored: `(shape, dtype, key implementation or None)`; a PRNG
+    key as its raw data (`jax.random.key_data`)."""
+    array = unmarked(leaf)
+    if _is_key_dtype(array.dtype):
+        data = jax.eval_shape(jax.random.key_data, array)
+        return tuple(data.shape), np.dtype(data.dtype), array.dtype._impl.name
+    return tuple(array.shape), np.dtype(array.dtype), None
+
+
+def describe(leaf: Any) -> str:
+    shape, dtype, impl = layout(leaf)
+    return f"key<{impl}>{list(shape)}" if impl else f"{dtype}{list(shape)}"
+
+
+def _is_numpy(leaf: Any) -> bool:
+    # NumPy leaves stay NumPy (jnp.asarray would truncate 64-bit values without x64).
+    return isinstance(unmarked(leaf), (np.ndarray, np.generic))
+
+
+_AS_LIKE = object()
+
+
+def fill(leaf: Any, value: np.ndarray, *, impl: str | None = None, mark: Any = _AS_LIKE) -> Any:
+    """`value` (a host array the caller owns) put where the model's `leaf` was.
+
+    NumPy where the model held NumPy; otherwise a JAX array on `leaf`'s devices (its
+    sharding, also an abstract leaf's when it has one); a PRNG key of implementation
+    `impl` where given. `mark`: the status mark to wrap it in (`Frozen`, `Buffer` or
+    `None`); by default `leaf`'s own.
+    """
+    array = unmarked(leaf)
+    new: Any
+    if _is_numpy(leaf):
+        new = value
+    elif isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
+        new = jax.device_put(value, array.sharding)
+    elif isinstance(array, jax.ShapeDtypeStruct) and array.sharding is not None:
+        new = jax.device_put(value, array.sharding)
+    else:
+        new = jnp.asarray(value)
+    if impl is not None:
+        new = jax.random.wrap_key_data(new, impl=impl)
+    if mark is _AS_LIKE:
+        return marked_like(leaf, new)
+    return new if mark is None else mark(new)
+
+
+def array_slots(model: Any, paths: list[Any], leaves: list[Any]) -> list[str | None]:
+    """The dotted path of each leaf a loader fills with an array, `None` for the others
+    (an abstract model's `inference` flags included: modes are no arrays)."""
+    mode_paths = _mode_paths(model)
+    names: list[str | None] = []
+    for p, leaf in zip(paths, leaves):
+        name = dotted(p) if is_slot(leaf) else None
+        names.append(None if name in mode_paths else name)
+    return names
+
+
+def check_filled(fn: str, label: str, names: list[str | None], new: list[Any]) -> None:
+    """An abstract model must come out whole: no `ShapeDtypeStruct` left in an array
+    slot (`names`, from `array_slots`)."""
+    unfilled = [n for n, x in zip(names, new) if n is not None and is_abstract(x)]
+    if unfilled:
+        raise CheckpointError(
+            f"{fn}: the model is abstract (jax.eval_shape) and {label} does not fill "
+            f"{len(unfilled)} of its arrays: {few(unfilled)}"
+        )
 
 
 # -- models ------------------------------------------------------------------------------
 
 
-def _host(leaf: Any) -> tuple[np.ndarray, str | None]:
-    array = unmarked(leaf)
-    if isinstance(array, jax.Array) and jnp.issubdtype(array.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(array)), str(jax.random.key_impl(array))
-    return np.asarray(array), None
+def _is_scalar(leaf: Any) -> bool:
+    return type(leaf) in (bool, int, float)
+
+
+def _mode_paths(model: Any) -> set[str]:
+    """Dotted paths of the `inference` fields of mode-bearing modules: the metadata's
+    modes carry them, not the scalars."""
+    return {
+        (f"{dotted(p)}.inference" if p else "inference")
+        for p, m, _ in modules(model)
+        if m is not None and is_mode_bearing(m)
+    }
+
+
+def _scalar_record(value: bool | int | float) -> dict[str, str | bool]:
+    if type(value) is bool:
+        return {"type": "bool", "value": value}
+    if type(value) is int:
+        return {"type": "int", "value": str(value)}
+    # The float's bits: exact for every value (NaN payloads and -0.0 included).
+    return {"type": "float", "value": struct.pack(">d", value).hex()}
+
+
+_INT = re.compile(r"-?[0-9]{1,4300}")
+_FLOAT_BITS = re.compile(r"[0-9a-f]{16}")
+
+
+def _scalar_value(record: Any) -> bool | int | float | None:
+    """A scalar record's value, or None when the record is damaged."""
+    if not isinstance(record, dict) or set(record) != {"type", "value"}:
+        return None
+    kind, value = record["type"], record["value"]
+    if kind == "bool" and type(value) is bool:
+        return value
+    if kind == "int" and isinstance(value, str) and _INT.fullmatch(value):
+        return int(value)
+    if kind == "float" and isinstance(value, str) and _FLOAT_BITS.fullmatch(value):
+        return float(struct.unpack(">d", bytes.fromhex(value))[0])
+    return None
 
 
 @no_gc()
 def save(path: PathLike, model: Any) -> None:
-    """Save a model's arrays, frozen status, modes and pins to a safetensors file.
+    """Save a model's arrays, frozen status, modes, pins and Python scalars to a
+    safetensors file.
 
     **Arguments:**
 
     - `path`: the file to write. It is replaced atomically: after a crash at any point
-        it holds either the previous checkpoint or the new one.
-    - `model`: a treenn or Equinox model.
+        it holds either the previous checkpoint or the new one. A symlink keeps pointing
+        at it; a new file gets the usual permissions (`0666` less the umask), an
+        overwritten one keeps its own.
+    - `model`: a treenn or Equinox model, or any pytree holding one (`{"model": model,
+        "opt_state": opt_state, "step": 1234}`).
 
-    Arrays are stored bit-exactly under their dotted paths (`layers.0.weight`).
+    Arrays are stored bit-exactly under their dotted paths (`layers.0.weight`), and
+    written one at a time: saving needs no more extra host memory than the largest
+    array. Python `int`, `float` and `bool` leaves are stored exactly in the metadata.
 
     !!! Example
 
@@ -218,34 +512,74 @@ def save(path: PathLike, model: Any) -> None:
     """
     check_model(model, "treenn.save")
     paths, leaves, _ = flatten(model)
-    arrays: dict[str, np.ndarray] = {}
-    frozen, buffers, keys = [], [], {}
+    mode_paths = _mode_paths(model)
+    arrays: dict[str, Any] = {}
+    frozen, buffers, keys, scalars = [], [], {}, {}
     for key_path, leaf in zip(paths, leaves):
+        name = dotted(key_path)
+        if _is_scalar(leaf) and name not in mode_paths:
+            if name in scalars:
+                raise CheckpointError(f"cannot save: two leaves share the path {name!r}")
+            scalars[name] = _scalar_record(leaf)
+            continue
         if not is_array_leaf(leaf):
             continue
-        name = dotted(key_path)
         if name in arrays:
             raise CheckpointError(f"cannot save: two arrays share the path {name!r}")
-        if isinstance(unmarked(leaf), jax.core.Tracer):
+        array = unmarked(leaf)
+        if isinstance(array, jax.core.Tracer):
             raise CheckpointError(
                 f"cannot save {name!r}: it is a traced value (treenn.save was called inside "
                 "jit, grad, vmap...); save the model the transformed function returns"
             )
-        arrays[name], impl = _host(leaf)
-        if impl is not None:
-            keys[name] = impl
+        if _is_key_dtype(array.dtype):
+            keys[name] = layout(array)[2]
+            array = jax.random.key_data(array)
+        _code(name, array.dtype)
+        arrays[name] = array
         status = status_of(leaf)
         if status is Status.FROZEN:
             frozen.append(name)
         elif status is Status.BUFFER:
             buffers.append(name)
-    modes = {
-        dotted(p): {"inference": bool(m.inference), "pinned": bool(m.__dict__.get("pinned", False))}
-        for p, m, _ in modules(model)
-        if m is not None and is_mode_bearing(m)
+    if scalars.keys() & arrays.keys():
+        raise CheckpointError(
+            f"cannot save: {few(sorted(scalars.keys() & arrays.keys()))} name both an array "
+            "and a Python scalar"
+        )
+    pins = pinned_of(model)
+    modes = {p: {"inference": v, "pinned": pins[p]} for p, v in modes_of(model).items()}
+    meta = {
+        "frozen": frozen,
+        "buffers": buffers,
+        "modes": modes,
+        "keys": keys,
+        "scalars": scalars,
     }
-    meta = {"frozen": frozen, "buffers": buffers, "modes": modes, "keys": keys}
     write_safetensors(path, arrays, {"format": _FORMAT, "treenn": json.dumps(meta)})
+
+
+@dataclasses.dataclass
+class _Slots:
+    """A model's positions a checkpoint fills, by dotted path."""
+
+    arrays: dict[str, Any]  # path -> the model's leaf (array, marked or abstract)
+    scalars: dict[str, Any]  # path -> Python scalar (or abstract scalar) leaf
+
+    @classmethod
+    def of(cls, paths: list[Any], leaves: list[Any], mode_paths: set[str]) -> _Slots:
+        arrays, scalars = {}, {}
+        for p, leaf in zip(paths, leaves):
+            if not (_is_scalar(leaf) or is_slot(leaf)):
+                continue
+            name = dotted(p)
+            if name in mode_paths:
+                continue  # `inference`: the metadata's modes restore it
+            if _is_scalar(leaf):
+                scalars[name] = leaf
+            else:
+                arrays[name] = leaf
+        return cls(arrays, scalars)
 
 
 @no_gc()
@@ -255,53 +589,133 @@ def load(path: PathLike, like: T) -> T:
     **Arguments:**
 
     - `path`: the checkpoint file.
-    - `like`: a model with the structure to fill (e.g. freshly initialised); the file
-        gives the arrays, frozen status, modes and pins. Where `like` is sharded
+    - `like`: a model (or pytree) with the structure to fill, e.g. freshly initialised,
+        or abstract (`jax.eval_shape`, nothing initialised); the file gives the arrays,
+        frozen status, modes, pins and Python scalars. Where `like` is sharded
         (`treenn.shard`), each loaded array gets the sharding of `like`'s.
 
     **Returns:** the loaded model. Raises `CheckpointError` (a `ValueError`) naming the
-    offending paths when the file's arrays, shapes, dtypes or mode-bearing modules do not
-    match `like`'s, or when the file is truncated or corrupt; `FileNotFoundError` when
-    there is no file.
+    offending paths when the file's arrays, shapes, dtypes, scalars or mode-bearing
+    modules do not match `like`'s, and naming the file when it is truncated or corrupt;
+    `FileNotFoundError` when there is no file.
 
     !!! Example
 
         ```python
         model = treenn.load("model.safetensors", like=make_model(key=jax.random.key(0)))
+        abstract = jax.eval_shape(lambda: make_model(key=jax.random.key(0)))
+        model = treenn.load("model.safetensors", like=abstract)
         ```
     """
     check_model(like, "treenn.load", "like")
-    arrays, metadata = read_safetensors(path)
-    meta = _metadata(path, metadata)
-    paths, leaves, treedef = flatten(like)
-    names = [dotted(p) if is_array_leaf(x) else None for p, x in zip(paths, leaves)]
-    _check_arrays(path, arrays, [(n, x) for n, x in zip(names, leaves) if n is not None])
-    frozen = set(meta["frozen"]) if meta else None
-    keys = meta["keys"] if meta else {}
-    new = []
-    for name, leaf in zip(names, leaves):
-        if name is None:
-            new.append(leaf)
-            continue
-        stored = arrays[name]
-        value: Any = np.array(stored) if _is_numpy(leaf) else jnp.asarray(stored)
-        if name in keys:
-            value = jax.random.wrap_key_data(value, impl=keys[name])
-        like_array = unmarked(leaf)
-        if isinstance(like_array, jax.Array) and not isinstance(
-            like_array.sharding, jax.sharding.SingleDeviceSharding
-        ):
-            # A sharded `like` (`treenn.shard`): each array goes where `like`'s is.
-            value = jax.device_put(value, like_array.sharding)
-        if type(leaf) is Buffer:
-            value = Buffer(value)
-        elif frozen is None:
-            value = marked_like(leaf, value)
-        elif name in frozen:
-            value = Frozen(value)
-        new.append(value)
+    with SafetensorsFile(path) as file:
+        meta = _metadata(file)
+        paths, leaves, treedef = flatten(like)
+        slots = _Slots.of(paths, leaves, _mode_paths(like))
+        scalars = _check_fit(file, meta, slots)
+        new = []
+        for p, leaf in zip(paths, leaves):
+            name = dotted(p)
+            if name in scalars:
+                new.append(scalars[name])
+            elif slots.arrays.get(name) is leaf:
+                new.append(_fill_from_file(file, meta, name, leaf))
+            else:
+                new.append(leaf)
+    check_filled("treenn.load", file.label, array_slots(like, paths, leaves), new)
     model = fit_classes(unflatten(treedef, new))
-    return _restore_modes(path, model, meta["modes"]) if meta else model
+    return _restore_modes(file, model, meta["modes"]) if meta else model
+
+
+def _fill_from_file(
+    file: SafetensorsFile, meta: dict[str, Any] | None, name: str, leaf: Any
+) -> Any:
+    impl = layout(leaf)[2]
+    if meta is None:
+        return fill(leaf, file.read(name), impl=impl)  # a foreign file: statuses of `like`
+    if type(leaf) is Buffer:
+        mark: Any = Buffer
+    elif name in meta["frozen"]:
+        mark = Frozen
+    else:
+        mark = None
+    return fill(leaf, file.read(name), impl=impl, mark=mark)
+
+
+def _check_fit(file: SafetensorsFile, meta: dict[str, Any] | None, slots: _Slots) -> dict[str, Any]:
+    """Raise, naming every offending path, unless the file fits the model; return the
+    Python scalars to put in it."""
+    want, have = slots.arrays, file.entries
+    missing = sorted(want.keys() - have.keys())
+    unexpected = sorted(have.keys() - want.keys())
+    wrong = []
+    for name in want.keys() & have.keys():
+        shape, dtype, impl = layout(want[name])
+        entry = have[name]
+        if entry.shape != shape or entry.dtype != dtype:
+            wrong.append(
+                f"{name!r}: file {entry.dtype}{list(entry.shape)}, model {describe(want[name])}"
+            )
+        elif meta is not None and meta["keys"].get(name) != impl:
+            stored = meta["keys"].get(name)
+            wrong.append(
+                f"{name!r}: file {f'key<{stored}>' if stored else entry.dtype}"
+                f"{list(entry.shape)}, model {describe(want[name])}"
+            )
+    scalars: dict[str, Any] = {}
+    if meta is not None and "scalars" in meta:
+        stored = meta["scalars"]
+        abstract_scalars = {
+            n for n in missing if n in stored and want[n].shape == () and is_abstract(want[n])
+        }
+        missing = [n for n in missing if n not in abstract_scalars]
+        missing += sorted(slots.scalars.keys() - stored.keys())
+        unexpected += sorted(stored.keys() - slots.scalars.keys() - abstract_scalars)
+        for name in sorted(stored.keys() & (slots.scalars.keys() | abstract_scalars)):
+            value = _scalar_value(stored[name])
+            like_leaf = slots.scalars.get(name)
+            if like_leaf is not None and type(like_leaf) is not type(value):
+                wrong.append(
+                    f"{name!r}: file {type(value).__name__} {value!r}, model "
+                    f"{type(like_leaf).__name__}"
+                )
+            scalars[name] = value
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {few(sorted(missing))}")
+        if unexpected:
+            parts.append(f"not in the model: {few(sorted(unexpected))}")
+        if wrong:
+            parts.append(
+                "shape/dtype/type mismatch: "
+                + "; ".join(sorted(wrong)[:5])
+                + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else "")
+            )
+        raise CheckpointError(
+            f"checkpoint {file.label} does not fit the model: " + ". ".join(parts)
+        )
+    if meta is not None:
+        _check_statuses(file, meta, slots)
+    return scalars
+
+
+def _check_statuses(file: SafetensorsFile, meta: dict[str, Any], slots: _Slots) -> None:
+    """The metadata's frozen and buffer names name arrays that can have that status:
+    a damaged name would otherwise silently leave an array trainable."""
+    bad = [f"key {name!r}" for name in meta["keys"] if name not in file.entries]
+    for name in meta["frozen"]:
+        leaf = slots.arrays.get(name)
+        if leaf is None or type(leaf) is Buffer or not is_inexact(layout(leaf)[1]):
+            bad.append(f"frozen {name!r}")
+    for name in meta["buffers"]:
+        if type(slots.arrays.get(name)) is not Buffer:
+            bad.append(f"buffer {name!r}")
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {file.label} is corrupt or does not fit the model: its metadata "
+            f"marks {few(bad)}, which the model has no such array for"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +747,8 @@ def load_pretrained(
     - `path`: a checkpoint written by `treenn.save`, or any safetensors file keyed by
         dotted paths.
     - `like`: the model to fill; its frozen status, modes and pins are kept (the file
-        gives arrays only).
+        gives arrays only). It may be abstract (`jax.eval_shape`); then the file must
+        fill every array.
     - `skip_mismatched`: keep `like`'s array where the file's has another shape or
         dtype, instead of raising.
 
@@ -349,117 +764,90 @@ def load_pretrained(
         ```
     """
     check_model(like, "treenn.load_pretrained", "like")
-    arrays, _ = read_safetensors(path)
-    paths, leaves, treedef = flatten(like)
-    loaded: list[str] = []
-    missing: list[str] = []
-    skipped: list[str] = []
-    wrong: list[str] = []
-    new = []
-    for key_path, leaf in zip(paths, leaves):
-        name = dotted(key_path) if is_array_leaf(leaf) else None
-        if name is None or name not in arrays:
-            if name is not None:
-                missing.append(name)
-            new.append(leaf)
-            continue
-        array = leaf.value if type(leaf) in MARK_TYPES else leaf
-        stored = arrays[name]
-        if tuple(stored.shape) != tuple(array.shape) or stored.dtype != np.dtype(array.dtype):
-            skipped.append(name)
-            wrong.append(
-                f"{name!r}: file {stored.dtype}{list(stored.shape)}, "
-                f"model {np.dtype(array.dtype)}{list(array.shape)}"
-            )
-            new.append(leaf)
-            continue
-        value = np.array(stored) if _is_numpy(leaf) else jnp.asarray(stored)
-        new.append(type(leaf)(value) if type(leaf) in MARK_TYPES else value)
-        loaded.append(name)
+    with SafetensorsFile(path) as file:
+        paths, leaves, treedef = flatten(like)
+        loaded: list[str] = []
+        missing: list[str] = []
+        skipped: list[str] = []
+        wrong: list[str] = []
+        new = []
+        names = array_slots(like, paths, leaves)
+        for name, leaf in zip(names, leaves):
+            if name is None or name not in file.entries:
+                if name is not None:
+                    missing.append(name)
+                new.append(leaf)
+                continue
+            entry = file.entries[name]
+            shape, dtype, impl = layout(leaf)
+            if entry.shape != shape or entry.dtype != dtype:
+                skipped.append(name)
+                wrong.append(
+                    f"{name!r}: file {entry.dtype}{list(entry.shape)}, model {describe(leaf)}"
+                )
+                new.append(leaf)
+                continue
+            new.append(fill(leaf, file.read(name), impl=impl))
+            loaded.append(name)
+        unexpected = sorted(file.entries.keys() - set(loaded) - set(skipped))
+    label = f"load_pretrained({file.name!r})"
     if wrong and not skip_mismatched:
         raise CheckpointError(
-            f"load_pretrained({os.fspath(path)!r}): shape/dtype mismatch (pass "
-            f"skip_mismatched=True to keep the model's): " + "; ".join(wrong)
+            f"{label}: shape/dtype mismatch (pass skip_mismatched=True to keep the model's): "
+            + "; ".join(wrong)
         )
     if not loaded:
         raise CheckpointError(
-            f"load_pretrained({os.fspath(path)!r}): no array of the file matches the model "
-            f"by path; file: {few(sorted(arrays))}; model: {few(missing)}"
+            f"{label}: no array of the file matches the model by path; file: "
+            f"{few(sorted(file.entries))}; model: {few(missing)}"
         )
-    unexpected = sorted(arrays.keys() - set(loaded) - set(skipped))
-    return unflatten(treedef, new), LoadReport(loaded, missing, unexpected, skipped)
+    check_filled("treenn.load_pretrained", file.label, names, new)
+    model = settle_modes(unflatten(treedef, new))
+    return model, LoadReport(loaded, missing, unexpected, skipped)
 
 
-def _is_numpy(leaf: Any) -> bool:
-    # NumPy leaves stay NumPy (jnp.asarray would truncate 64-bit values without x64).
-    return isinstance(leaf.value if type(leaf) in MARK_TYPES else leaf, (np.ndarray, np.generic))
-
-
-def _metadata(path: PathLike, metadata: dict[str, str]) -> dict[str, Any] | None:
+def _metadata(file: SafetensorsFile) -> dict[str, Any] | None:
     """treenn's metadata of a checkpoint, validated; None for a plain safetensors file."""
+    metadata = file.metadata
     if "treenn" not in metadata:
         return None
+    if metadata.get("format") not in _FORMATS:
+        raise file.corrupt(
+            f"unknown treenn format {metadata.get('format')!r} (expected one of {_FORMATS}; "
+            "written by a newer treenn?)"
+        )
     try:
         meta = json.loads(metadata["treenn"])
-        ok = (
-            isinstance(meta, dict)
-            and all(isinstance(meta.get(k), list) for k in ("frozen", "buffers"))
-            and all(isinstance(meta.get(k), dict) for k in ("modes", "keys"))
-            and all(isinstance(n, str) for n in meta["frozen"])
-            and all(
-                isinstance(m, dict)
-                and isinstance(m.get("inference"), bool)
-                and isinstance(m.get("pinned"), bool)
-                for m in meta["modes"].values()
-            )
-        )
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"{os.fspath(path)!r} is corrupt: bad treenn metadata in its header")
+    except (ValueError, RecursionError):
+        meta = None
+    if not _valid_metadata(meta, scalars=metadata["format"] != "treenn-1"):
+        raise file.corrupt("bad treenn metadata in its header")
     return meta
 
 
-def _check_arrays(
-    path: PathLike, arrays: dict[str, np.ndarray], expected: list[tuple[str, Any]]
-) -> None:
-    want = {name for name, _ in expected}
-    missing = sorted(want - arrays.keys())
-    unexpected = sorted(arrays.keys() - want)
-    wrong = []
-    for name, leaf in expected:
-        if name not in arrays:
-            continue
-        host, _ = _host(leaf) if _is_key(leaf) else (None, None)
-        array = leaf.value if type(leaf) in MARK_TYPES else leaf
-        shape = host.shape if host is not None else tuple(array.shape)
-        dtype = host.dtype if host is not None else np.dtype(array.dtype)
-        got = arrays[name]
-        if tuple(got.shape) != tuple(shape) or got.dtype != dtype:
-            wrong.append(f"{name!r}: file {got.dtype}{list(got.shape)}, model {dtype}{list(shape)}")
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing from the file: {few(missing)}")
-        if unexpected:
-            parts.append(f"not in the model: {few(unexpected)}")
-        if wrong:
-            parts.append(
-                "shape/dtype mismatch: "
-                + "; ".join(wrong[:5])
-                + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else "")
-            )
-        raise CheckpointError(
-            f"checkpoint {os.fspath(path)!r} does not fit the model: " + ". ".join(parts)
+def _valid_metadata(meta: Any, *, scalars: bool) -> bool:
+    if not isinstance(meta, dict):
+        return False
+    lists, dicts = ("frozen", "buffers"), ("modes", "keys") + (("scalars",) if scalars else ())
+    return (
+        all(isinstance(meta.get(k), list) for k in lists)
+        and all(isinstance(meta.get(k), dict) for k in dicts)
+        and all(isinstance(n, str) for k in lists for n in meta[k])
+        and all(
+            isinstance(m, dict)
+            and set(m) == {"inference", "pinned"}
+            and isinstance(m["inference"], bool)
+            and isinstance(m["pinned"], bool)
+            for m in meta["modes"].values()
         )
+        and all(isinstance(v, str) for v in meta["keys"].values())
+        and (not scalars or all(_scalar_value(r) is not None for r in meta["scalars"].values()))
+    )
 
 
-def _is_key(leaf: Any) -> bool:
-    array = leaf.value if type(leaf) in MARK_TYPES else leaf
-    return isinstance(array, jax.Array) and jnp.issubdtype(array.dtype, jax.dtypes.prng_key)
-
-
-def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]) -> Any:
+def _restore_modes(file: SafetensorsFile, model: Any, modes: dict[str, dict[str, bool]]) -> Any:
+    """The file's modes and pins on the model's mode-bearing modules, which must be the
+    file's: a name that matches nothing is an error."""
     seen = set()
 
     def restore(p: Any, module: Any) -> Any:
@@ -467,16 +855,7 @@ def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]
         seen.add(name)
         if name not in modes:
             return module
-        want = modes[name]
-        changes: dict[str, Any] = {"inference": want["inference"]}
-        if "pinned" in field_names(type(module)):
-            changes["pinned"] = want["pinned"]
-        elif want["pinned"]:
-            raise CheckpointError(
-                f"checkpoint pins {name!r}, but the model's {type(module).__name__} "
-                "cannot be pinned"
-            )
-        return replace_fields(module, **changes)
+        return with_mode(module, modes[name]["inference"], modes[name]["pinned"])
 
     model = map_stopped(model, is_mode_bearing, restore)
     if is_mode_bearing(model):
@@ -485,7 +864,7 @@ def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]
     lacking = sorted(seen - modes.keys())
     if extra or lacking:
         raise CheckpointError(
-            f"checkpoint {os.fspath(path)!r} does not fit the model's mode-bearing modules: "
+            f"checkpoint {file.label} does not fit the model's mode-bearing modules: "
             + "; ".join(
                 part
                 for part in (
@@ -496,3 +875,20 @@ def _restore_modes(path: PathLike, model: Any, modes: dict[str, dict[str, bool]]
             )
         )
     return model
+
+
+def settle_modes(model: Any) -> Any:
+    """An abstract model's modes made concrete: `jax.eval_shape` turns each `inference`
+    bool into a `ShapeDtypeStruct`, losing its value; such a module comes back in
+    training mode (`inference=False`), as every layer is built, its pin kept. Loaders
+    that have no modes to give (`load_pretrained`, `load_torch`) call this."""
+
+    def settle(_: Any, module: Any) -> Any:
+        raw = state_of(module).get("inference")
+        pinned = type(raw) is Pinned
+        if isinstance(raw.value if pinned else raw, jax.ShapeDtypeStruct):
+            return with_mode(module, False, pinned)
+        return module
+
+    model = map_stopped(model, is_mode_bearing, settle)
+    return settle((), model) if is_mode_bearing(model) else model

@@ -6,13 +6,15 @@ treenn's layers store PyTorch's layouts under PyTorch's names (`Conv2d.weight` i
 and timm's, so a state dict mostly maps by name, array for array. What does not:
 
 - `num_batches_tracked`: PyTorch's BatchNorm always saves it, treenn's keeps it only
-  with `momentum=None`; ignored where the model has none.
+  with `momentum=None`; ignored where the model has that BatchNorm without it, and
+  unexpected (as in PyTorch) where the model has no such BatchNorm at all.
 - attention projections stored split where the model fuses them (timm's BEiT `q_bias`
   and `v_bias`, EVA's `q_proj`/`k_proj`/`v_proj`, into `qkv`), or fused where the model
   splits them (PyTorch's `in_proj_weight` into Equinox's `MultiheadAttention`
   `query_proj`/`key_proj`/`value_proj`, and its `out_proj` into `output_proj`);
 - Equinox layers' own shapes: a convolution bias is `(out, 1, 1)` there, `(out,)` in
-  PyTorch (an array of the same values up to size-1 axes is reshaped).
+  PyTorch, and is reshaped. No other shape is: an `(8, 1)` weight does not load into an
+  `(1, 8)` one (inputs and outputs swapped), as in PyTorch.
 
 Arrays are cast to the model's dtype within a kind (floating to floating, integer to
 integer), as PyTorch's `load_state_dict` copies them.
@@ -31,9 +33,18 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ._checkpoints import CheckpointError, LoadReport, _is_numpy, read_safetensors
-from ._status import is_array_leaf, marked_like, unmarked
-from ._tree import check_model, dotted, flatten, no_gc, unflatten
+from ._checkpoints import (
+    CheckpointError,
+    LoadReport,
+    array_slots,
+    check_filled,
+    describe,
+    fill,
+    layout,
+    read_safetensors,
+    settle_modes,
+)
+from ._tree import check_model, flatten, no_gc, unflatten
 
 T = TypeVar("T")
 Source = Mapping[str, Any] | str | os.PathLike[str]
@@ -222,19 +233,22 @@ class _Matcher:
             rest = [c for i, c in enumerate(np.split(self.arrays[key], 3)) if i not in taken]
             if all(not np.any(c) for c in rest):
                 done.add(key)
-        return sorted(
-            k
-            for k in self.arrays
-            if k not in done and not (k == _IGNORED or k.endswith("." + _IGNORED))
-        )
+        return sorted(k for k in self.arrays if k not in done and not self._tracked(k))
+
+    def _tracked(self, key: str) -> bool:
+        """A BatchNorm's `num_batches_tracked` the model's BatchNorm does without: its
+        running statistics were used. Without them it is unexpected, as in PyTorch."""
+        prefix = _prefix(key, _IGNORED)
+        return prefix is not None and prefix + "running_mean" in self.used
 
 
-def _fit(value: np.ndarray, like: Any) -> np.ndarray | None:
+def _fit(value: np.ndarray, like: Any, name: str) -> np.ndarray | None:
     """`value` in `like`'s shape and dtype, or None when it cannot be."""
-    shape, dtype = tuple(like.shape), np.dtype(like.dtype)
+    shape, dtype, impl = layout(like)
+    if impl is not None:
+        return None  # a PRNG key has no PyTorch counterpart
     if tuple(value.shape) != shape:
-        squeezed = [s for s in value.shape if s != 1]
-        if squeezed != [s for s in shape if s != 1]:
+        if not _is_conv_bias(value.shape, shape, name):
             return None
         value = value.reshape(shape)
     if value.dtype != dtype:
@@ -245,28 +259,16 @@ def _fit(value: np.ndarray, like: Any) -> np.ndarray | None:
     return value
 
 
-def _is_abstract(leaf: Any) -> bool:
-    """A `jax.eval_shape` placeholder: a model built without initialising it."""
-    return isinstance(unmarked(leaf), jax.ShapeDtypeStruct)
-
-
-def _describe(array: Any) -> str:
-    return f"{np.dtype(array.dtype)}{list(array.shape)}"
-
-
-def _place(value: np.ndarray, leaf: Any) -> Any:
-    """`value` as the model's leaf was: NumPy or a JAX array (on its devices), in its mark."""
-    array = unmarked(leaf)
-    # A copy: a torch tensor's NumPy view shares its memory, and JAX on CPU may keep
-    # using a NumPy buffer as it is, so an optimiser step on the torch model (in place)
-    # would otherwise change the loaded model too.
-    new: Any = np.array(value, copy=True)
-    placed = isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer)
-    if placed or (isinstance(array, jax.ShapeDtypeStruct) and array.sharding is not None):
-        new = jax.device_put(new, array.sharding)
-    elif not _is_numpy(leaf):
-        new = jnp.asarray(new)
-    return marked_like(leaf, new)
+def _is_conv_bias(got: tuple[int, ...], want: tuple[int, ...], name: str) -> bool:
+    """The one known layout difference across size-1 axes: an Equinox convolution's
+    `(out, 1, ..., 1)` bias for PyTorch's `(out,)`."""
+    return (
+        name.rsplit(".", 1)[-1] == "bias"
+        and len(got) == 1
+        and len(want) >= 2
+        and want[0] == got[0]
+        and all(s == 1 for s in want[1:])
+    )
 
 
 # -- the public function ------------------------------------------------------------------
@@ -349,9 +351,10 @@ def load_torch(
     matcher = _Matcher(arrays)
     done = _Outcome()
     paths, leaves, treedef = flatten(model)
+    names = array_slots(model, paths, leaves)
     new = [
-        done.fill(dotted(p), leaf, matcher) if is_array_leaf(leaf) or _is_abstract(leaf) else leaf
-        for p, leaf in zip(paths, leaves)
+        leaf if name is None else done.fill(name, leaf, matcher)
+        for name, leaf in zip(names, leaves)
     ]
     unexpected = matcher.unused()
     if strict and (done.missing or unexpected or done.wrong):
@@ -360,13 +363,8 @@ def load_torch(
     if not done.loaded and (done.missing or done.skipped):
         headline = f"no array of {label} fits the model"
         raise CheckpointError(_mismatch(headline, label, done, unexpected, arrays))
-    unfilled = [dotted(p) for p, x in zip(paths, new) if _is_abstract(x)]
-    if unfilled:
-        raise CheckpointError(
-            f"load_torch: the model is abstract (jax.eval_shape) and {label} does not fill "
-            f"{len(unfilled)} of its arrays: " + ", ".join(map(repr, unfilled))
-        )
-    out: T = unflatten(treedef, new)
+    check_filled("load_torch", label, names, new)
+    out: T = settle_modes(unflatten(treedef, new))
     if report:
         return out, LoadReport(done.loaded, done.missing, unexpected, done.skipped)
     return out
@@ -389,16 +387,19 @@ class _Outcome:
             return leaf
         value, keys = found
         matcher.used.update(keys)
-        fitted = _fit(value, leaf)
+        fitted = _fit(value, leaf, name)
         if fitted is None:
             source = "" if keys == [name] else f" (from {', '.join(keys)})"
             self.wrong.append(
-                f"{name!r}{source}: state dict {_describe(value)}, model {_describe(leaf)}"
+                f"{name!r}{source}: state dict {describe(value)}, model {describe(leaf)}"
             )
             self.skipped.append(name)
             return leaf
         self.loaded.append(name)
-        return _place(fitted, leaf)
+        # A copy: a torch tensor's NumPy view shares its memory, and JAX on CPU may keep
+        # using a NumPy buffer as it is, so an optimiser step on the torch model (in
+        # place) would otherwise change the loaded model too.
+        return fill(leaf, np.array(fitted, copy=True))
 
 
 def _mismatch(
