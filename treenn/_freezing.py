@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from ._modes import eval_mode, mode_bearing, unpin_selected
 from ._module import fit_class, fitted_class
 from ._selectors import Selection, Where, no_match, select
 from ._status import Buffer, Frozen, is_array, is_inexact, is_mark
@@ -53,13 +54,18 @@ def freeze(model: T, where: Where = None) -> T:
     return _set_frozen(model, where, True)
 
 
-def unfreeze(model: T, where: Where = None) -> T:
+def unfreeze(model: T, where: Where = None, *, unpin: bool = False) -> T:
     """Make frozen floating-point arrays trainable again.
 
     **Arguments:**
 
     - `model`: a treenn or Equinox model.
     - `where`: what to unfreeze, as for `treenn.freeze`.
+    - `unpin`: also remove the pins of the selection's mode-bearing modules (as
+        `nn.unpin(model, where)`), so that its BatchNorms train with its weights: the
+        usual gradual-unfreezing step. Leave it `False` to keep them pinned (their
+        weights train, their statistics stay frozen: `treenn.summary` shows
+        "trainable" beside "eval (pinned)").
 
     **Returns:** a new model. Buffers stay buffers: `unfreeze` never makes them
     trainable.
@@ -67,10 +73,15 @@ def unfreeze(model: T, where: Where = None) -> T:
     !!! Example
 
         ```python
-        model = treenn.unfreeze(model, "layer4.**")
+        model = treenn.unfreeze(model, "layer4.**", unpin=True)  # gradual unfreezing
+        model = treenn.unfreeze(model, "layer4.**")  # weights train, BN stays pinned
         ```
     """
-    return _set_frozen(model, where, False)
+    if not unpin:
+        return _set_frozen(model, where, False)
+    check_model(model, "treenn.unfreeze")
+    selection = select(where, model)  # resolved once, against the model given
+    return unpin_selected(_set_frozen(model, selection, False), selection, strict=False)
 
 
 def freeze_backbone(model: T, head: Where) -> T:
@@ -93,14 +104,12 @@ def freeze_backbone(model: T, head: Where) -> T:
         opt_state = tx.init(treenn.trainable(model))   # the head's arrays only
         ```
     """
-    from .nn._modes import eval_mode, modes
-
     check_model(model, "treenn.freeze_backbone")
     selection = select(head, model)
     if selection is None:
         raise ValueError("freeze_backbone: head=None selects the whole model; name the head")
     model = _set_frozen(_set_frozen(model, None, True), head, False)
-    backbone = [path for path in modes(model) if not selection.covers(path)]
+    backbone = {path for path, _ in mode_bearing(model) if not selection.covers(path)}
     if not backbone:
         return model
     outside_head: Any = Selection(head, lambda path: path in backbone)

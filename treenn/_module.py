@@ -1,11 +1,14 @@
-"""`treenn.Module`: an `equinox.Module` that sees through status marks.
+"""`treenn.Module`: an `equinox.Module` that sees through marks.
 
-Frozen arrays and buffers are stored inside thin status marks (see `_status`). Reading a
-field of a `treenn.Module` returns the array behind them, gradient stopped, also inside
-tuples, lists and dicts held by the field. Plain Equinox modules that come to hold a
-mark (freezing an `eqx.nn.Conv2d`'s weight) are given the same ability: their class is
-swapped for a subclass with this attribute access (same name, same fields, still an
-instance of the original class), and swapped back once they hold no mark.
+Frozen arrays, buffers and pins are stored inside thin marks (see `_status`). Reading a
+field of a `treenn.Module` returns what the mark holds (an array with its gradient
+stopped, or the `inference` bool), also inside any container the field holds (tuple,
+list, dict, NamedTuple, any pytree node but a module). Plain Equinox modules that come
+to hold a mark (freezing an `eqx.nn.Conv2d`'s weight, pinning an `eqx.nn.Dropout`) are
+given the same ability: their class is swapped for a subclass with this attribute access
+(same name, same fields, still an instance of the original class), and swapped back once
+they hold no mark. That subclass pickles (and deep-copies) as the original class
+rebuilt with its marks, so pickles never refer to it.
 """
 
 from __future__ import annotations
@@ -14,37 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 
-from ._status import MARK_TYPES
+from ._status import ALL_MARKS, holds_mark, unwrapped
 
-_CONTAINERS = (tuple, list, dict)
 _get = object.__getattribute__
 _module_getattribute = eqx.Module.__getattribute__
 
 
-def _holds_mark(value: Any) -> bool:
-    kind = type(value)
-    if kind in MARK_TYPES:
-        return True
-    if kind is tuple or kind is list:
-        return any(_holds_mark(v) for v in value)
-    if kind is dict:
-        return any(_holds_mark(v) for v in value.values())
-    return False
-
-
-def _unwrapped(value: Any) -> Any:
-    kind = type(value)
-    if kind in MARK_TYPES:
-        return value.unwrap()
-    if (kind is tuple or kind is list or kind is dict) and _holds_mark(value):
-        if kind is dict:
-            return {k: _unwrapped(v) for k, v in value.items()}
-        return kind(_unwrapped(v) for v in value)
-    return value
-
-
 class Unwrapping:
-    """Mixin: attribute reads return the arrays behind status marks."""
+    """Mixin: attribute reads return what marks hold, never a mark."""
 
     if not TYPE_CHECKING:
 
@@ -53,21 +33,19 @@ class Unwrapping:
                 # Equinox's flatten reads it twice per module: skip the slow path.
                 return _get(self, "__dict__")
             out = _module_getattribute(self, name)
-            kind = type(out)
-            if kind in MARK_TYPES:
+            if type(out) in ALL_MARKS:
                 return out.unwrap()
-            if kind is tuple or kind is list or kind is dict:
-                return _unwrapped(out)
-            return out
+            return unwrapped(out)
 
 
 class Module(Unwrapping, eqx.Module):
     """Base class of treenn's layers and of user models: an `equinox.Module` (an
-    immutable dataclass pytree) whose frozen arrays and buffers read as plain arrays.
+    immutable dataclass pytree) whose frozen arrays, buffers and pins read as plain
+    values.
 
     A frozen array (see `treenn.freeze`) or a buffer (BatchNorm running statistics) is
     stored inside a thin status mark; reading the field returns the array with its
-    gradient stopped, so even a plain `jax.grad` of the whole model gives it a zero
+    gradient stopped, so even `eqx.filter_grad` of the whole model gives it a zero
     gradient. Everything else is exactly `equinox.Module`.
 
     !!! Example
@@ -90,10 +68,26 @@ _UNWRAPPING: dict[type, type] = {}
 _ORIGINAL: dict[type, type] = {}
 
 
+def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+    """Unpickle a module of the foreign class `cls` that holds marks."""
+    new: Any = object.__new__(fitted_class(cls, holds_mark(list(state.values()))))
+    _get(new, "__dict__").update(state)
+    return new
+
+
+def _reduce(self: Any) -> tuple[Any, ...]:
+    # Pickle as the original (importable) class: the subclass exists in this process only.
+    return (_rebuild, (_ORIGINAL[type(self)], dict(_get(self, "__dict__"))))
+
+
 def _unwrapping_class(cls: type) -> type:
     sub = _UNWRAPPING.get(cls)
     if sub is None:
-        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        namespace = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__reduce__": _reduce,
+        }
         sub = type(cls.__name__, (Unwrapping, cls), namespace)
         _UNWRAPPING[cls] = sub
         _ORIGINAL[sub] = cls
@@ -105,12 +99,17 @@ def is_foreign_type(kind: type) -> bool:
     return issubclass(kind, eqx.Module) and not issubclass(kind, Module)
 
 
+def original_class(kind: type) -> type:
+    """The class a module would have if it held no mark."""
+    return _ORIGINAL.get(kind, kind)
+
+
 _FITTED: dict[tuple[type, bool], type] = {}
 
 
 def fitted_class(cls: type, marked: bool) -> type:
     """The class a module of class `cls` should have when it holds (`marked`) or does
-    not hold status marks; cached, as surgery asks once per module."""
+    not hold marks; cached, as surgery asks once per module."""
     key = (cls, marked)
     fitted = _FITTED.get(key)
     if fitted is None:
@@ -129,7 +128,7 @@ def fit_class(module: Any) -> Any:
     """`module`, with its class swapped so that it reads through the marks it holds."""
     cls = type(module)
     state = _get(module, "__dict__")
-    new_cls = fitted_class(cls, any(_holds_mark(v) for v in state.values()))
+    new_cls = fitted_class(cls, any(holds_mark(v) for v in state.values()))
     if new_cls is cls:
         return module
     new: Any = object.__new__(new_cls)

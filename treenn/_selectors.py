@@ -19,8 +19,8 @@ from typing import Any, TypeAlias
 
 import equinox as eqx
 
-from ._status import ARRAY_TYPES, Mark
-from ._tree import dotted, flatten
+from ._status import is_array_leaf, unmarked
+from ._tree import by_type, dotted, flatten
 
 Where: TypeAlias = "None | str | type | tuple[type, ...] | Callable[[Any], Any]"
 
@@ -30,9 +30,14 @@ _FORBIDDEN = set("[]?{}()|\\^$+!,; \t\n")
 class Selection:
     """The set of dotted paths a `where=` selects."""
 
-    def __init__(self, where: Any, covers: Callable[[str], bool]):
+    def __init__(
+        self, where: Any, covers: Callable[[str], bool], classes: Any = None
+    ) -> None:
         self.where = where
         self.covers = covers
+        # For a class selector: the classes, so that walks can test instances (what
+        # `where=None` costs) instead of resolving paths.
+        self.classes = classes
 
     def __repr__(self) -> str:
         return f"Selection(where={describe(self.where)})"
@@ -40,6 +45,8 @@ class Selection:
 
 def describe(where: Any) -> str:
     """How a selector is named in error messages."""
+    if isinstance(where, Selection):
+        return describe(where.where)
     if isinstance(where, type):
         return where.__qualname__
     if isinstance(where, tuple) and all(isinstance(w, type) for w in where):
@@ -105,15 +112,30 @@ def _prefixes(where: Any, selected: set[str]) -> Selection:
     return Selection(where, covers)
 
 
+_INSTANCE_STOPS: dict[Any, Any] = {}
+
+
 def _classes(where: type | tuple[type, ...], tree: Any) -> Selection:
-    is_instance = lambda x: isinstance(x, where)  # noqa: E731
-    paths, leaves, _ = flatten(tree, is_instance)
-    return _prefixes(where, {dotted(p) for p, x in zip(paths, leaves) if is_instance(x)})
+    stop = _INSTANCE_STOPS.get(where)
+    if stop is None:
+        stop = _INSTANCE_STOPS[where] = by_type(lambda kind: issubclass(kind, where))
+    resolved: list[Callable[[str], bool]] = []
+
+    def covers(path: str) -> bool:
+        # Paths are resolved on first use only: walks that test instances never need them.
+        if not resolved:
+            paths, leaves, _ = flatten(tree, stop)
+            found = {dotted(p) for p, x in zip(paths, leaves) if isinstance(x, where)}
+            resolved.append(_prefixes(where, found).covers)
+        return resolved[0](path)
+
+    return Selection(where, covers, classes=where)
 
 
 class _Probe:
-    """Stands in for an array leaf while a getter runs, so leaves are found by identity
-    even when attribute access returns a new object (a frozen array's stopped value)."""
+    """Stands in for an array leaf (marked or not) while a getter runs, so leaves are
+    found by identity; the getter sees no mark, so the containers it returns are the
+    model's own (a dict field with a frozen entry included)."""
 
     __slots__ = ("index", "shape", "dtype")
 
@@ -124,9 +146,10 @@ class _Probe:
 
 
 def _getter(where: Callable[[Any], Any], tree: Any) -> Selection:
-    # Through marks: a getter sees arrays, as `treenn.Module` unwraps marks.
-    paths, leaves, treedef = flatten(tree, keep_marks=False)
-    probes = [_Probe(i, x) if isinstance(x, ARRAY_TYPES) else x for i, x in enumerate(leaves)]
+    paths, leaves, treedef = flatten(tree)
+    probes = [
+        _Probe(i, unmarked(x)) if is_array_leaf(x) else x for i, x in enumerate(leaves)
+    ]
     probed = treedef.unflatten(probes)
     try:
         found = where(probed)
@@ -141,8 +164,6 @@ def _getter(where: Callable[[Any], Any], tree: Any) -> Selection:
     selected: set[str] = set()
     nodes: dict[int, Any] = {}
     for target in targets:
-        if isinstance(target, Mark):
-            target = target.value
         if isinstance(target, _Probe):
             selected.add(dotted(paths[target.index]))
         else:

@@ -6,6 +6,9 @@ run and *record* them into the context that the enclosing `treenn.apply` call ow
 `__call__`, and since recording is a Python side effect at trace time it works the same
 eagerly and under `jit`, `grad` (with `has_aux`), `vmap` of the whole call, and so on.
 
+An `apply` nested in another (or in `treenn.train_step`) records into the outermost
+one too, so the statistics reach the model the outermost call returns.
+
 A recording that could not reach the returned model is an error, never a silent loss:
 no enclosing `apply`, or a JAX transform (`lax.scan`, `vmap`, `checkpoint`...) opened
 inside the model, whose values cannot leave it as a side effect.
@@ -31,13 +34,44 @@ def _trace_state() -> Any:
 
 
 class _Context:
-    """The updates recorded during one `treenn.apply` call."""
+    """The updates recorded during one `treenn.apply` call.
 
-    def __init__(self) -> None:
+    An `apply` nested in another one (a loss calling `treenn.apply` inside
+    `treenn.train_step`, an `apply` inside a model's `__call__`) shares the enclosing
+    call's records when it runs at the same trace level: it returns its own updated
+    model as usual, and the updates also reach the model the outermost call returns.
+    """
+
+    def __init__(self, outer: _Context | None) -> None:
         self.trace = _trace_state()
-        # id(module) -> (module, {field: new value}); the module is kept so the id
-        # cannot be reused while the call runs.
-        self.updates: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.nested = outer is not None and outer.trace == self.trace
+        if outer is not None and self.nested:
+            self.updates = outer.updates
+            self.aliases = outer.aliases
+            self.delivered = outer.delivered
+        else:
+            # key -> (module, {field: new value}); the module is kept so that the id
+            # cannot be reused while the call runs.
+            self.updates: dict[int, tuple[Any, dict[str, Any]]] = {}
+            # id(module a nested apply returned) -> (that module, key of its original)
+            self.aliases: dict[int, tuple[Any, int]] = {}
+            # keys a nested apply wrote into the model it returned
+            self.delivered: set[int] = set()
+
+    def key(self, module: Any) -> int:
+        """The key of `module`'s records: its own id, or its original's when it is a
+        module a nested `apply` returned (a second nested call updates the first's)."""
+        alias = self.aliases.get(id(module))
+        if alias is not None and alias[0] is module:
+            return alias[1]
+        return id(module)
+
+    def entry(self, module: Any) -> tuple[int, dict[str, Any]] | None:
+        key = self.key(module)
+        entry = self.updates.get(key)
+        if entry is None or (key == id(module) and entry[0] is not module):
+            return None
+        return key, entry[1]
 
 
 _local = threading.local()
@@ -55,7 +89,7 @@ def current_value(module: Any, name: str, default: Any) -> Any:
     sharing) updates from its first call's result, as in PyTorch."""
     stack = _stack()
     if stack:
-        entry = stack[-1].updates.get(id(module))
+        entry = stack[-1].entry(module)
         if entry is not None and name in entry[1]:
             return entry[1][name]
     return default
@@ -81,7 +115,7 @@ def record(module: Any, what: str, **values: Any) -> None:
             "leave that transform and would be lost. Keep the layer outside the transform, "
             "apply the transform outside `treenn.apply`, or use `nn.eval_mode`."
         )
-    entry = context.updates.setdefault(id(module), (module, {}))
+    entry = context.updates.setdefault(context.key(module), (module, {}))
     entry[1].update({k: jax.lax.stop_gradient(v) for k, v in values.items()})
 
 
@@ -95,7 +129,8 @@ def apply(model: T, *args: Any, **kwargs: Any) -> tuple[Any, T]:
 
     **Returns:** `(output, new_model)`: `new_model` is `model` with the state that the
     call updated (BatchNorm running statistics in training mode); everything else is
-    shared with `model`.
+    shared with `model`. Called inside another `apply` (or a loss of
+    `treenn.train_step`), the updates also reach the model the outermost call returns.
 
     !!! Example
 
@@ -122,8 +157,8 @@ def run(fn: Callable[[T], Any], model: T) -> tuple[Any, T]:
     `treenn.apply` is `run(lambda m: m(x), model)`; `treenn.train_step` runs a whole
     loss function this way, so that a loss calling `model(x)` directly updates state.
     """
-    context = _Context()
     stack = _stack()
+    context = _Context(stack[-1] if stack else None)
     stack.append(context)
     try:
         out = fn(model)
@@ -131,34 +166,53 @@ def run(fn: Callable[[T], Any], model: T) -> tuple[Any, T]:
         stack.pop()
     if not context.updates:
         return out, model
-    return out, _write(model, context.updates)
+    return out, _write(model, context)
 
 
-def _write(model: Any, updates: dict[int, tuple[Any, dict[str, Any]]]) -> Any:
-    recorded = lambda x: id(x) in updates and updates[id(x)][0] is x  # noqa: E731
+def _write(model: Any, context: _Context) -> Any:
+    """`model` with the recorded updates of its modules. The outermost call also checks
+    that no update is lost; a nested one leaves that to it."""
+    found: dict[int, int] = {}  # id(module in model) -> key of its records
+
+    def recorded(x: Any) -> bool:
+        entry = context.entry(x)
+        if entry is not None:
+            found[id(x)] = entry[0]
+        return entry is not None
+
     paths, leaves, treedef = flatten(model, recorded)
     written = set()
     for i, leaf in enumerate(leaves):
-        if type(leaf) not in MARK_TYPES and recorded(leaf):
-            leaves[i] = _updated(leaf, updates[id(leaf)][1])
-            written.add(id(leaf))
-    root = id(model) in updates and updates[id(model)][0] is model
+        if type(leaf) not in MARK_TYPES and id(leaf) in found:
+            leaves[i] = _updated(context, leaf, found[id(leaf)])
+            written.add(found[id(leaf)])
+    root = recorded(model)
     if root:
-        written.add(id(model))
-    lost = [m for key, (m, _) in updates.items() if key not in written]
-    if lost:
-        raise RuntimeError(
-            f"{type(lost[0]).__name__} updated its state inside `treenn.apply` but is not "
-            "part of the model passed to it (created or replaced during the call), so the "
-            "update would be lost."
-        )
+        written.add(found[id(model)])
+    if context.nested:
+        context.delivered.update(written)
+    else:
+        lost = [
+            m for key, (m, _) in context.updates.items()
+            if key not in written and key not in context.delivered
+        ]
+        if lost:
+            raise RuntimeError(
+                f"{type(lost[0]).__name__} updated its state inside `treenn.apply` but is "
+                "not part of the model passed to it (created or replaced during the call), "
+                "so the update would be lost."
+            )
     if root:
-        return _updated(model, updates[id(model)][1])
+        return _updated(context, model, found[id(model)])
     return unflatten(treedef, leaves)
 
 
-def _updated(module: Any, values: dict[str, Any]) -> Any:
+def _updated(context: _Context, module: Any, key: int) -> Any:
+    values = context.updates[key][1]
     state = module.__dict__
     # Keep each field's status mark (a Buffer stays a Buffer).
     changes = {name: marked_like(state[name], value) for name, value in values.items()}
-    return replace_fields(module, **changes)
+    new = replace_fields(module, **changes)
+    if context.nested:
+        context.aliases[id(new)] = (new, key)
+    return new

@@ -1,11 +1,15 @@
-"""Leaf status: the thin pytree nodes that mark an array as frozen or as a buffer.
+"""Marks: the thin pytree nodes that store a leaf's status in the model itself.
 
-A mark is a pytree node with one child, the array. Its path key prints as nothing, so
+A mark is a pytree node with one child. `Frozen` and `Buffer` hold an array (a frozen
+array, a buffer such as BatchNorm's running statistics); `Pinned` holds the `inference`
+bool of a pinned mode-bearing module. A mark's path key prints as nothing, so
 `jax.tree_util.keystr` paths and treenn's dotted paths are the same with or without it,
-and the mark survives every JAX transform (it is structure, not data). `treenn.Module`
-unwraps marks on attribute access, behind `lax.stop_gradient`; code that reaches a mark
-some other way (a foreign Equinox layer, an array inside a tuple) sees an array proxy that
-supports operators and indexing, with the gradient stopped as well.
+and a mark survives every JAX transform (it is structure, not data).
+
+This module is the one place that knows what a mark is. User code never sees one:
+`treenn.Module` (and the class `_module` fits to a plain Equinox module that holds a
+mark) returns a mark's child on attribute access, through any container a field holds,
+with the gradient of an array stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
@@ -46,14 +51,14 @@ class MarkKey:
 
 def _stopped(value: Any) -> Any:
     # Concrete arrays carry no gradient; only tracers need stopping. Non-arrays
-    # (eqx.tree_at's sentinels, ShapeDtypeStructs) pass through untouched.
+    # (eqx.tree_at's sentinels, ShapeDtypeStructs, bools) pass through untouched.
     if isinstance(value, Tracer):
         return jax.lax.stop_gradient(value)
     return value
 
 
 class Mark:
-    """Base of `Frozen` and `Buffer`: a pytree node holding one array."""
+    """Base of the marks: a pytree node holding one child, `value`."""
 
     __slots__ = ("value",)
     status: Status = Status.STATIC
@@ -63,65 +68,12 @@ class Mark:
         self.value = value
 
     def unwrap(self) -> Any:
-        """The array, with its gradient stopped."""
+        """What user code sees: the child, an array's gradient stopped."""
         return _stopped(self.value)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.value!r})"
 
-    # -- array proxy, for code that reaches the mark without `treenn.Module` --------
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.value.shape
-
-    @property
-    def dtype(self) -> Any:
-        return self.value.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.value.ndim
-
-    @property
-    def size(self) -> int:
-        return self.value.size
-
-    @property
-    def T(self) -> Any:
-        return self.unwrap().T
-
-    def __len__(self) -> int:
-        return len(self.value)
-
-    def __jax_array__(self) -> Any:
-        # Lets `jnp` functions take a mark that reached them directly.
-        return self.unwrap()
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.asarray(self.value, dtype=dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called for names the mark itself lacks: `.reshape`, `.astype`, `.sum`...
-        if name.startswith("__") or name == "value":
-            raise AttributeError(name)
-        return getattr(self.unwrap(), name)
-
-
-def _forward(name: str) -> Any:
-    def method(self: Mark, *args: Any) -> Any:
-        return getattr(self.unwrap(), name)(*args)
-
-    method.__name__ = name
-    return method
-
-
-for _name in (
-    "__add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __truediv__ __rtruediv__ "
-    "__floordiv__ __rfloordiv__ __mod__ __rmod__ __pow__ __rpow__ __matmul__ "
-    "__rmatmul__ __neg__ __pos__ __abs__ __getitem__ __lt__ __le__ __gt__ __ge__ "
-    "__and__ __rand__ __or__ __ror__ __invert__"
-).split():
-    setattr(Mark, _name, _forward(_name))
 
 
 class Frozen(Mark):
@@ -140,6 +92,27 @@ class Buffer(Mark):
     key = MarkKey("Buffer")
 
 
+class Pinned(Mark):
+    """Marks the `inference` bool of a pinned mode-bearing module: later calls of
+    `nn.eval_mode`/`nn.train_mode` with `pin=False`, and the implicit switches of
+    `treenn.train_step`/`eval_step`, leave its mode alone. Stored around the bool, so
+    `eqx.tree_at` on `inference` edits the bool inside and the pin survives."""
+
+    __slots__ = ()
+    key = MarkKey("Pinned")
+
+    # By value, so that a pin stored in a user's static `inference` field compares
+    # equal across copies (static fields are part of the tree structure).
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Pinned and (
+            other.value is self.value
+            or (type(self.value) is bool and type(other.value) is bool and other.value == self.value)
+        )
+
+    def __hash__(self) -> int:
+        return hash((Pinned, self.value if type(self.value) is bool else id(self.value)))
+
+
 def _register(cls: type[Mark]) -> None:
     key = cls.key
     jtu.register_pytree_with_keys(
@@ -152,8 +125,12 @@ def _register(cls: type[Mark]) -> None:
 
 _register(Frozen)
 _register(Buffer)
+_register(Pinned)
 
+# The marks around arrays (what the tree walker keeps whole, as one array leaf).
 MARK_TYPES: frozenset[type] = frozenset({Frozen, Buffer})
+# Every mark, the pin included (what attribute access unwraps).
+ALL_MARKS: frozenset[type] = frozenset({Frozen, Buffer, Pinned})
 ARRAY_TYPES: tuple[type, ...] = (jax.Array, np.ndarray, np.generic)
 
 
@@ -171,7 +148,13 @@ def is_array(x: Any) -> bool:
 
 
 def is_mark(x: Any) -> bool:
+    """Whether `x` is an array's status mark (`Frozen` or `Buffer`)."""
     return type(x) in MARK_TYPES
+
+
+def is_any_mark(x: Any) -> bool:
+    """Whether `x` is any mark, `Pinned` included."""
+    return type(x) in ALL_MARKS
 
 
 def is_array_leaf(leaf: Any) -> bool:
@@ -188,6 +171,71 @@ def marked_like(leaf: Any, value: Any) -> Any:
     """`value` in the status mark `leaf` has (as it is when `leaf` has none)."""
     return type(leaf)(value) if type(leaf) in MARK_TYPES else value
 
+
+# -- what user code sees -----------------------------------------------------------
+
+_LEAF, _MARK, _MODULE, _CONTAINER = range(4)
+_KIND: dict[type, int] = {kind: _MARK for kind in ALL_MARKS}
+_KIND.update({tuple: _CONTAINER, list: _CONTAINER, dict: _CONTAINER, type(None): _LEAF})
+
+
+def _kind(value: Any) -> int:
+    kind = _KIND.get(type(value))
+    if kind is None:
+        if isinstance(value, eqx.Module):
+            kind = _MODULE  # reads through its own marks (or is given a class that does)
+        else:
+            # JAX registers pytree nodes by type: a leaf flattens to itself.
+            found = jtu.tree_leaves(value)
+            kind = _LEAF if len(found) == 1 and found[0] is value else _CONTAINER
+        _KIND[type(value)] = kind
+    return kind
+
+
+def _stop_at_mark_or_module(x: Any) -> bool:
+    kind = _KIND.get(type(x))
+    return (kind if kind is not None else _kind(x)) in (_MARK, _MODULE)
+
+
+def holds_mark(value: Any) -> bool:
+    """Whether a field value is a mark or a container (tuple, list, dict, NamedTuple,
+    any pytree node but a module) holding one."""
+    kind = _KIND.get(type(value))
+    if kind is None:
+        kind = _kind(value)
+    if kind == _MARK:
+        return True
+    if kind != _CONTAINER:
+        return False
+    if type(value) is tuple or type(value) is list:
+        return any(holds_mark(v) for v in value)
+    if type(value) is dict:
+        return any(holds_mark(v) for v in value.values())
+    return any(
+        type(x) in ALL_MARKS for x in jtu.tree_leaves(value, is_leaf=_stop_at_mark_or_module)
+    )
+
+
+def _unwrap_leaf(x: Any) -> Any:
+    return x.unwrap() if type(x) in ALL_MARKS else x
+
+
+def unwrapped(value: Any) -> Any:
+    """A field value as user code sees it: marks replaced by their children, in any
+    container, modules left as they are (they read through their own marks)."""
+    kind = type(value)
+    if kind in ALL_MARKS:
+        return value.unwrap()
+    if not holds_mark(value):
+        return value
+    if kind is tuple or kind is list:
+        return kind(unwrapped(v) for v in value)
+    if kind is dict:
+        return {k: unwrapped(v) for k, v in value.items()}
+    return jtu.tree_map(_unwrap_leaf, value, is_leaf=_stop_at_mark_or_module)
+
+
+# -- status ---------------------------------------------------------------------------
 
 _INEXACT: dict[Any, bool] = {}
 

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from ._status import ARRAY_TYPES, Status, status_of, unmarked
+from ._modes import mode_of
+from ._selectors import few
 from ._tree import check_model, dotted, is_mode_bearing, modules, no_gc
 
 _HEADER = ("path", "module", "shape", "dtype", "params", "status", "mode")
@@ -16,8 +18,12 @@ _HEADER = ("path", "module", "shape", "dtype", "params", "status", "mode")
 def _mode(module: Any) -> str:
     if module is None or not is_mode_bearing(module):
         return "-"
-    mode = "eval" if module.inference else "train"
-    return mode + " (pinned)" if module.__dict__.get("pinned", False) else mode
+    inference, pinned = mode_of(module)
+    mode = "eval" if inference else "train"
+    return mode + " (pinned)" if pinned else mode
+
+
+_PINNED_EVAL = "eval (pinned)"
 
 
 def _array_status(leaf: Any) -> Status | None:
@@ -106,4 +112,15 @@ def summary(model: Any) -> str:
             continue
         totals.append(f"{status.value}: {params:,} params ({_bytes(nbytes)})")
     text.append("total " + " | ".join(totals))
+    # Weights training under statistics pinned in eval: a recipe (frozen BatchNorm
+    # statistics) or a forgotten `nn.unpin` after `unfreeze`; say it either way.
+    held = sorted(
+        {r[0].rpartition(".")[0] for r in table if r[6] == _PINNED_EVAL and r[5] == "trainable"}
+    )
+    if held:
+        text.append(
+            f"note: {len(held)} module(s) pinned in eval while their arrays train (their "
+            f"statistics stay frozen): {few(held, 5)}; to train them in training mode too, "
+            "`treenn.unfreeze(model, where, unpin=True)` or `nn.unpin(model, where)`"
+        )
     return "\n".join(text)

@@ -10,15 +10,45 @@ import jax
 import jax.tree_util as jtu
 
 from ._selectors import few
-from ._status import ARRAY_TYPES, Status, status_of
-from ._tree import check_model, dotted, flatten, leaves, modules, state_of, static_fields
-from .nn._modes import mode_free
+from ._status import ARRAY_TYPES, Pinned, Status, status_of
+from ._tree import (
+    by_type,
+    check_model,
+    dotted,
+    fit_classes,
+    flatten,
+    leaves,
+    modules,
+    state_of,
+    static_fields,
+)
 
 T = TypeVar("T")
 
 
 def _is_none(x: Any) -> bool:
     return x is None
+
+
+# Leaves of a partition: `None`, status marks (by_type stops there) and pins, so that a
+# pin is one non-trainable leaf and the trainable half's structure ignores it.
+_PARTS = by_type(lambda kind: kind is type(None) or kind is Pinned)
+
+_CANONICAL: dict[Any, Any] = {}
+
+
+def _canonical(treedef: Any) -> Any:
+    """`treedef` with each plain Equinox class that was given an unwrapping subclass
+    (it holds a mark: a frozen array, a pin) back to its own class: the structure of a
+    trainable half, which holds no mark. Optimiser states made from it do not depend on
+    what is frozen or pinned elsewhere in a module, nor on modes. Cached per structure."""
+    canonical = _CANONICAL.get(treedef)
+    if canonical is None:
+        if len(_CANONICAL) > 1024:
+            _CANONICAL.clear()
+        template = treedef.unflatten([None] * treedef.num_leaves)
+        canonical = _CANONICAL[treedef] = leaves(fit_classes(template), _PARTS)[1]
+    return canonical
 
 
 def partition(model: T) -> tuple[Any, Any]:
@@ -33,10 +63,10 @@ def partition(model: T) -> tuple[Any, Any]:
     else (frozen arrays, buffers, non-array leaves) and `None` where `trainable` has an
     array. `treenn.combine(trainable, rest)` rebuilds the model.
 
-    The modes of treenn's layers are static fields, part of a pytree's structure; in
-    `trainable` they are reset to their defaults, so that an optimiser state made from it
-    (and gradients) fit the model whatever its modes are later. Rebuild with
-    `treenn.combine` (or `eqx.combine` when the model is in default modes).
+    Modes and pins are not trainable: `trainable` holds `None` there, so an optimiser
+    state made from it (and gradients) fit the model whatever its modes and pins are
+    later. Rebuild with `treenn.combine`. (For Equinox's own `eqx.partition`/`combine`,
+    use `treenn.filter_spec`.)
 
     !!! Example
 
@@ -46,7 +76,7 @@ def partition(model: T) -> tuple[Any, Any]:
         ```
     """
     check_model(model, "treenn.partition")
-    flat, treedef = leaves(model, _is_none)
+    flat, treedef = leaves(model, _PARTS)
     train: list[Any] = []
     rest: list[Any] = []
     for leaf in flat:
@@ -56,8 +86,7 @@ def partition(model: T) -> tuple[Any, Any]:
         else:
             train.append(None)
             rest.append(leaf)
-    # Trainable trees have default modes: optimiser states must not depend on modes.
-    return mode_free(jtu.tree_unflatten(treedef, train)), jtu.tree_unflatten(treedef, rest)
+    return _canonical(treedef).unflatten(train), treedef.unflatten(rest)
 
 
 def trainable(model: T) -> Any:
@@ -96,15 +125,15 @@ def combine(trainable: Any, rest: Any) -> Any:
         model = treenn.combine(*treenn.partition(model))
         ```
     """
-    t_leaves, t_def = leaves(trainable, _is_none)
-    r_leaves, r_def = leaves(rest, _is_none)
-    if t_def != r_def and t_def != leaves(mode_free(rest), _is_none)[1]:
+    t_leaves, t_def = leaves(trainable, _PARTS)
+    r_leaves, r_def = leaves(rest, _PARTS)
+    if t_def != r_def and t_def != _canonical(r_def):
         raise ValueError("combine: " + structure_mismatch(trainable, rest, "trainable", "rest"))
     both = [
         i for i, (t, r) in enumerate(zip(t_leaves, r_leaves)) if t is not None and r is not None
     ]
     if both:
-        paths = flatten(rest, _is_none)[0]
+        paths = flatten(rest, _PARTS)[0]
         raise ValueError(
             f"combine: both halves hold a value at {few([dotted(paths[i]) for i in both], 5)}; "
             "pass the two halves of one `treenn.partition`"
@@ -165,8 +194,8 @@ def apply_updates(model: T, updates: Any) -> T:
         ```
     """
     params, rest = partition(model)
-    p_leaves, p_def = leaves(params, _is_none)
-    u_leaves, u_def = leaves(updates, _is_none)
+    p_leaves, p_def = leaves(params, _PARTS)
+    u_leaves, u_def = leaves(updates, _PARTS)
     if p_def != u_def:
         raise ValueError(
             "apply_updates: updates do not match the model's trainable arrays; "
@@ -179,7 +208,7 @@ def apply_updates(model: T, updates: Any) -> T:
             new.append(p)
             continue
         if not isinstance(u, ARRAY_TYPES) or getattr(u, "shape", None) != p.shape:
-            paths = paths or flatten(params, _is_none)[0]
+            paths = paths or flatten(params, _PARTS)[0]
             raise ValueError(
                 f"apply_updates: update for {dotted(paths[i])!r} has shape "
                 f"{getattr(u, 'shape', type(u).__name__)}, the array has shape {p.shape}"

@@ -21,7 +21,7 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from ._module import fit_class, is_foreign_type
-from ._status import MARK_TYPES, MarkKey
+from ._status import MARK_TYPES, MarkKey, Pinned
 
 KeyPath = tuple[Any, ...]
 Stop = Callable[[Any], bool]
@@ -132,13 +132,14 @@ def _module_type(kind: type) -> bool:
     return issubclass(kind, eqx.Module)
 
 
-def _mode_bearing_type(kind: type) -> bool:
+def mode_bearing_type(kind: type) -> bool:
+    """Whether modules of class `kind` are mode-bearing (have an `inference` field)."""
     return issubclass(kind, eqx.Module) and "inference" in field_names(kind)
 
 
 STOP_MODULE = by_type(_module_type)
 STOP_FOREIGN = by_type(is_foreign_type)
-STOP_MODE_BEARING = by_type(_mode_bearing_type)
+STOP_MODE_BEARING = by_type(mode_bearing_type)
 
 
 def is_module(x: Any) -> bool:
@@ -232,6 +233,7 @@ def static_fields(kind: type) -> tuple[str, ...]:
 
 _HOLDS_NOTHING: dict[type, bool] = {kind: True for kind in MARK_TYPES}
 _HOLDS_NOTHING[type(None)] = True
+_HOLDS_NOTHING[Pinned] = True  # a pin holds one bool
 
 
 def holds_nothing(value: Any) -> bool:

@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._modes import mode_of
 from .._module import Module
+from .._status import Pinned
 
 
 class Dropout(Module):
@@ -32,15 +34,19 @@ class Dropout(Module):
     """
 
     p: float = eqx.field(static=True)
-    inference: bool = eqx.field(static=True)
-    pinned: bool = eqx.field(static=True)
+    inference: bool
 
     def __init__(self, p: float = 0.5, *, inference: bool = False, pinned: bool = False):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"nn.Dropout(p={p!r}): p must be in [0, 1]")
         self.p = float(p)
-        self.inference = inference
-        self.pinned = pinned
+        self.inference = Pinned(inference) if pinned else inference  # type: ignore[assignment]
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the layer is pinned (see `nn.eval_mode`); the pin is stored around
+        `inference`, so it is saved, loaded and kept by `eqx.tree_at` with it."""
+        return mode_of(self)[1]
 
     def __call__(
         self, x: Float[Array, "*shape"], *, key: PRNGKeyArray | None = None
@@ -87,15 +93,19 @@ class DropPath(Module):
     """
 
     p: float = eqx.field(static=True)
-    inference: bool = eqx.field(static=True)
-    pinned: bool = eqx.field(static=True)
+    inference: bool
 
     def __init__(self, p: float = 0.0, *, inference: bool = False, pinned: bool = False):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"nn.DropPath(p={p!r}): p must be in [0, 1]")
         self.p = float(p)
-        self.inference = inference
-        self.pinned = pinned
+        self.inference = Pinned(inference) if pinned else inference  # type: ignore[assignment]
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the layer is pinned (see `nn.eval_mode`); the pin is stored around
+        `inference`, so it is saved, loaded and kept by `eqx.tree_at` with it."""
+        return mode_of(self)[1]
 
     def __call__(
         self, x: Float[Array, "batch *rest"], *, key: PRNGKeyArray | None = None
