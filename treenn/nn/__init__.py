@@ -12,7 +12,7 @@ from ._conv import (
 from ._dropout import Dropout as Dropout, DropPath as DropPath
 from ._embedding import Embedding as Embedding
 from ._linear import MLP as MLP, Identity as Identity, Linear as Linear, gelu as gelu
-from ._modes import (
+from .._modes import (
     eval_mode as eval_mode,
     modes as modes,
     pinned as pinned,
