@@ -8,6 +8,7 @@ from ._checkpoints import (
     load_pretrained as load_pretrained,
     save as save,
 )
+from ._filter_spec import filter_spec as filter_spec
 from ._freezing import (
     freeze as freeze,
     freeze_backbone as freeze_backbone,
