@@ -16,6 +16,10 @@ learning curves and the uncertainty histogram.
 
     python examples/finetune.py [--steps 300] [--seed 0] [--out runs/finetune] [--quick]
 
+Outputs go to the `--out` folder (default `runs/finetune/`, created if missing):
+`pretrained.safetensors` (the pretraining checkpoint) and `finetune.png` (the figure).
+Progress bars show only when stderr is a terminal, so logs stay short.
+
 With `--weights PATH` it starts from a PyTorch ResNet-18 state dict (`.pt`, `.pth` or
 `.safetensors`, loaded by `treenn.load_torch`) instead of pretraining; `--width`,
 `--stem` and `--in-channels` describe its architecture (a torchvision ResNet-18:
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +97,8 @@ def train(
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     losses = []
-    for i in tqdm(range(steps), desc=desc, leave=False):
+    # No bars in logs (a redirected run): tqdm redraws a line per update.
+    for i in tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty()):
         batch = rng.choice(len(x), size=BATCH, replace=False)
         model, opt_state, loss = step(
             model, opt_state, x[batch], y[batch], jax.random.fold_in(key, i)

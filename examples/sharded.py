@@ -19,10 +19,13 @@ in the `where=` language, and everything else is `jax.sharding`:
 
 On one machine the devices are simulated CPU devices (`--devices`, default 8). On
 several hosts, run the same command on each with `--coordinator HOST:PORT
---num-processes N --process-id I` (see the README): each process then loads only its
-share of every batch.
+--num-processes N --process-id I` (see docs/guides/sharding.md): each process then loads
+only its share of every batch.
 
     python examples/sharded.py [--devices 8] [--steps 100] [--out runs/sharded] [--quick]
+
+Outputs go to the `--out` folder (default `runs/sharded/`, created if missing): the
+stand-in pretrained checkpoint and the fine-tuned model, both `.safetensors` files.
 """
 
 from __future__ import annotations

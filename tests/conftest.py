@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jaxtyping
 
@@ -23,12 +25,11 @@ _HOOK = jaxtyping.install_import_hook(
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import treenn  # noqa: E402
 import treenn.nn as nn  # noqa: E402
-from treenn._status import status_of  # noqa: E402
-from treenn._tree import dotted, flatten  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -121,9 +122,77 @@ NET_BUFFERS = {"backbone.layers.1.running_mean", "backbone.layers.1.running_var"
 
 def statuses(model: object) -> dict[str, str]:
     """Dotted path -> status ('trainable', 'frozen', 'buffer', 'static') of every leaf."""
-    paths, leaves, _ = flatten(model)
-    return {dotted(p): status_of(x).value for p, x in zip(paths, leaves)}
+    return treenn.statuses(model)
 
 
 def paths_with(model: object, status: str) -> set[str]:
     return {p for p, s in statuses(model).items() if s == status}
+
+
+# -- layer tests: data, names, references (one copy for every layer family) -------------
+
+# Leading batch shapes every layer is checked with: none, one axis, two axes.
+BATCHES = [(), (2,), (2, 3)]
+
+
+def rand_np(shape: tuple[int, ...], seed: int = 0, loc: Any = 0.0, scale: Any = 1.0) -> np.ndarray:
+    """Test data drawn with NumPy (no JAX compilation per shape: keeps the suite fast)."""
+    z = np.random.default_rng(seed).standard_normal(shape) * scale + loc
+    return z.astype(np.float32)
+
+
+def rand(shape: tuple[int, ...], seed: int = 0, loc: Any = 0.0, scale: Any = 1.0) -> jax.Array:
+    """`rand_np` as a float32 JAX array."""
+    return jnp.asarray(rand_np(shape, seed, loc, scale))
+
+
+def np64(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def named(tree: Any) -> dict[str, Any]:
+    """PyTorch-style `{dotted name: array}` of a layer's arrays (Equinox's own flatten:
+    what `state_dict()` would list)."""
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(x, (jax.Array, np.ndarray)):  # not modes, numbers, functions
+            parts = [jax.tree_util.keystr((k,), simple=True) for k in path]
+            out[".".join(p for p in parts if p)] = x
+    return out
+
+
+def names(tree: Any) -> dict[str, tuple[int, ...]]:
+    """PyTorch-style `{dotted name: shape}` of a layer's arrays."""
+    return {name: tuple(x.shape) for name, x in named(tree).items()}
+
+
+def to_torch(x: Any) -> Any:
+    """A copy of `x` as a torch tensor (torch imported here only: most tests need none)."""
+    import torch
+
+    return torch.from_numpy(np.array(x))
+
+
+def close(got: Any, want: Any, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """`got` (JAX or NumPy) equals `want` (NumPy or a torch tensor) within tolerances."""
+    if hasattr(want, "detach"):
+        want = want.detach().numpy()
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=atol)
+
+
+def linear_ref(x: Any, w: Any, b: Any) -> np.ndarray:
+    y = np64(x) @ np64(w).T
+    return y if b is None else y + np64(b)
+
+
+def check_uniform_init(x: Any, bound: float, n_min: int = 100) -> None:
+    """U(-bound, bound): inside the bounds, close to them, not constant, spread like a
+    uniform (std bound/sqrt(3))."""
+    x = np64(x).reshape(-1)
+    assert x.size >= n_min
+    assert np.all(np.abs(x) <= bound)
+    assert np.abs(x).max() > 0.8 * bound
+    assert len(np.unique(x)) > x.size // 2
+    if x.size >= 1000:
+        assert x.std() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+        assert abs(x.mean()) < 0.1 * bound

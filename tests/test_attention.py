@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import named, rand
 from jaxtyping import TypeCheckError
 
 import treenn
@@ -32,20 +33,6 @@ from treenn.nn import (
 )
 
 E, HEADS = 8, 2
-
-
-def rand(shape: tuple[int, ...], i: int = 0) -> jax.Array:
-    """Test data drawn with NumPy (no JAX compilation per shape)."""
-    return jnp.asarray(np.random.default_rng(1000 + i).standard_normal(shape), jnp.float32)
-
-
-def named(tree: Any) -> dict[str, jax.Array]:
-    """PyTorch-style `{dotted name: array}`."""
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        parts = [jax.tree_util.keystr((k,), simple=True) for k in path]
-        out[".".join(p for p in parts if p)] = x
-    return out
 
 
 def randomized(model: Any, seed: int = 0) -> Any:

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "tests" / "benchmarks"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["dispatch.py", "surgery.py", "finetune_step.py"])
 def test_benchmark_smoke_run(script):
     env = {

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BATCHES, check_uniform_init, names, np64, rand, rand_np
 from jaxtyping import TypeCheckError
 
+import treenn.nn as nn
 from treenn.nn import (
     Conv1d,
     Conv2d,
@@ -70,10 +72,6 @@ def check_cases(cases: Cases) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def rand(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
 def to_torch(x: np.ndarray, n: int) -> torch.Tensor:
     """`(*batch, *spatial, C)` -> `(N, C, *spatial)`, the batch axes flattened."""
     x = x.reshape((-1, *x.shape[x.ndim - n - 1 :]))
@@ -94,13 +92,6 @@ def copy_to_torch(layer: Any, ref: torch.nn.Module) -> torch.nn.Module:
         else:
             ref.bias.copy_(torch.tensor(np.asarray(layer.bias)))
     return ref
-
-
-def names(tree: Any) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        out[jax.tree_util.keystr(path, simple=True, separator=".")] = tuple(x.shape)
-    return out
 
 
 def tup(n: int, *values: Any) -> tuple[Any, ...]:
@@ -164,7 +155,7 @@ CONV_CASES: dict[str, ConvCase] = {
 
 def conv_case(n: int, case: ConvCase, batch: tuple[int, ...]) -> tuple[Maker, np.ndarray, Any]:
     cin, cout, kernel, kwargs, torch_kwargs, prepad = case(n)
-    x = rand((*batch, *SIZES[:n], cin), seed=n)
+    x = rand_np((*batch, *SIZES[:n], cin), seed=n)
 
     def make(key: jax.Array) -> Any:
         return CONV[n](cin, cout, kernel, key=key, **kwargs)
@@ -290,7 +281,7 @@ T_CASES: dict[str, TCase] = {
 
 def transpose_case(n: int, case: TCase, batch: tuple[int, ...]) -> tuple[Maker, np.ndarray, Any]:
     cin, cout, kernel, kwargs = case(n)
-    x = rand((*batch, *T_SIZES[:n], cin), seed=n)
+    x = rand_np((*batch, *T_SIZES[:n], cin), seed=n)
     crop = None
     torch_kwargs = dict(kwargs)
     if isinstance(kwargs.get("padding"), str):
@@ -349,8 +340,8 @@ def test_conv_transpose_same_is_the_adjoint_of_conv_same() -> None:
         )
         strides = (stride,) * n if isinstance(stride, int) else stride
         small = (3, 2, 2)[:n]
-        xs.append(jnp.asarray(rand((2, *(m * s for m, s in zip(small, strides)), 4 * groups))))
-        ys.append(jnp.asarray(rand((2, *small, 96), seed=1)))
+        xs.append(jnp.asarray(rand_np((2, *(m * s for m, s in zip(small, strides)), 4 * groups))))
+        ys.append(jnp.asarray(rand_np((2, *small, 96), seed=1)))
     pairs = [make(KEY) for make in makes]
     for conv, up in pairs:
         assert up.weight.shape == conv.weight.shape  # (96, 4, *kernel) both
@@ -390,8 +381,8 @@ def test_gradients_match_torch() -> None:
     """Gradients through the transposed layout, w.r.t. the parameters and the input."""
     layer = ConvTranspose2d(96, 8, (4, 2), stride=(2, 1), padding=1, groups=2, key=KEY)
     ref = copy_to_torch(layer, torch.nn.ConvTranspose2d(96, 8, (4, 2), (2, 1), 1, groups=2))
-    x = rand((2, 3, 2, 96))
-    r = rand((2, 6, 1, 8), seed=3)
+    x = rand_np((2, 3, 2, 96))
+    r = rand_np((2, 6, 1, 8), seed=3)
 
     def loss(m: Any, x: jax.Array) -> jax.Array:
         return jnp.sum(m(x) * r)
@@ -523,3 +514,181 @@ def test_output_padding_errors() -> None:
         ConvTranspose3d(3, 4, 3, output_padding=-1, key=KEY)
     with pytest.raises(ValueError, match=r"output_padding=1 cannot be used with padding='SAME'"):
         ConvTranspose1d(3, 4, 3, stride=2, padding="same", output_padding=1, key=KEY)
+
+
+# -- Conv2d against a direct NumPy loop ------------------------------------------------
+
+
+def conv_ref(
+    x: Any, w: Any, b: Any, stride: tuple[int, int], pads: Any, dil: tuple[int, int], groups: int
+) -> np.ndarray:
+    """Direct loop over an NHWC input with an OIHW (PyTorch) weight."""
+    x, w = np64(x), np64(w)
+    n, h, wd, _ = x.shape
+    o, cg, kh, kw = w.shape
+    if pads == "VALID":
+        pads = ((0, 0), (0, 0))
+    elif pads == "SAME":
+        pads = (same_pads(h, kh, stride[0], dil[0]), same_pads(wd, kw, stride[1], dil[1]))
+    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    ho = (xp.shape[1] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (xp.shape[2] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    out = np.zeros((n, ho, wo, o))
+    per_group = o // groups
+    for oc in range(o):
+        g = oc // per_group
+        for i in range(ho):
+            for j in range(wo):
+                r0, c0 = i * stride[0], j * stride[1]
+                patch = xp[
+                    :,
+                    r0 : r0 + dil[0] * (kh - 1) + 1 : dil[0],
+                    c0 : c0 + dil[1] * (kw - 1) + 1 : dil[1],
+                    g * cg : (g + 1) * cg,
+                ]
+                out[:, i, j, oc] = np.einsum("nhwc,chw->n", patch, w[oc])
+    return out if b is None else out + np64(b)
+
+
+# -- Conv2d ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_conv_shapes_channels_last(key: jax.Array, batch: tuple[int, ...]) -> None:
+    conv = nn.Conv2d(3, 5, 3, padding=1, key=key)
+    x = rand((*batch, 6, 7, 3))
+    y = conv(x)
+    assert y.shape == (*batch, 6, 7, 5)
+    flat = x.reshape((-1, 6, 7, 3))
+    want = conv_ref(flat, conv.weight, conv.bias, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    np.testing.assert_allclose(np64(y).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+
+
+NUMPY_CONV_CASES = [
+    # (in, out, kernel, kwargs, reference stride, pads, dilation, groups)
+    pytest.param(4, 4, 3, {}, (1, 1), ((0, 0), (0, 0)), (1, 1), 1, id="defaults"),
+    pytest.param(
+        4,
+        4,
+        3,
+        {"stride": 2, "padding": 1},
+        (2, 2),
+        ((1, 1), (1, 1)),
+        (1, 1),
+        1,
+        id="stride-int-pad",
+    ),
+    pytest.param(
+        4,
+        4,
+        (2, 3),
+        {"stride": (1, 2), "padding": (1, 2)},
+        (1, 2),
+        ((1, 1), (2, 2)),
+        (1, 1),
+        1,
+        id="tuple-pad",
+    ),
+    pytest.param(
+        4, 4, 3, {"padding": ((1, 0), (2, 1))}, (1, 1), ((1, 0), (2, 1)), (1, 1), 1, id="pair-pad"
+    ),
+    pytest.param(4, 4, 3, {"padding": "SAME"}, (1, 1), "SAME", (1, 1), 1, id="same"),
+    pytest.param(
+        4,
+        4,
+        3,
+        {"padding": "same", "stride": 2, "dilation": 2},
+        (2, 2),
+        "SAME",
+        (2, 2),
+        1,
+        id="same-strided-dilated",
+    ),
+    pytest.param(4, 4, 3, {"padding": "VALID"}, (1, 1), "VALID", (1, 1), 1, id="valid"),
+    pytest.param(
+        4,
+        4,
+        3,
+        {"dilation": (2, 1), "padding": 2},
+        (1, 1),
+        ((2, 2), (2, 2)),
+        (2, 1),
+        1,
+        id="dilation",
+    ),
+    pytest.param(
+        4, 6, 3, {"groups": 2, "padding": 1}, (1, 1), ((1, 1), (1, 1)), (1, 1), 2, id="groups"
+    ),
+    pytest.param(
+        4,
+        4,
+        3,
+        {"groups": 4, "padding": 1, "bias": False},
+        (1, 1),
+        ((1, 1), (1, 1)),
+        (1, 1),
+        4,
+        id="depthwise-no-bias",
+    ),
+]
+
+
+@pytest.mark.parametrize("cin, cout, kernel, kwargs, stride, pads, dil, groups", NUMPY_CONV_CASES)
+def test_conv_numerics(
+    key: jax.Array,
+    cin: int,
+    cout: int,
+    kernel: Any,
+    kwargs: dict[str, Any],
+    stride: Any,
+    pads: Any,
+    dil: Any,
+    groups: int,
+) -> None:
+    conv = nn.Conv2d(cin, cout, kernel, key=key, **kwargs)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    assert conv.weight.shape == (cout, cin // groups, kh, kw)
+    if kwargs.get("bias", True):
+        assert conv.bias is not None and conv.bias.shape == (cout,)
+    else:
+        assert conv.bias is None
+    x = rand((2, 7, 6, cin))
+    want = conv_ref(x, conv.weight, conv.bias, stride, pads, dil, groups)
+    got = conv(x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np64(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_names_and_init(key: jax.Array) -> None:
+    conv = nn.Conv2d(8, 16, (3, 2), groups=2, key=key)
+    assert names(conv) == {"weight": (16, 4, 3, 2), "bias": (16,)}
+    bound = 1 / math.sqrt(4 * 3 * 2)  # fan_in = in_channels / groups * kh * kw
+    check_uniform_init(conv.weight, bound)
+    assert np.all(np.abs(np64(conv.bias)) <= bound) and len(np.unique(np64(conv.bias))) == 16
+
+
+def test_conv_errors(key: jax.Array) -> None:
+    conv = nn.Conv2d(3, 4, 3, key=key)
+    with pytest.raises(
+        ValueError,
+        match=r"nn\.Conv2d\(3, 4\).*\(\*batch, height, width, 3\).*got shape \(1, 5, 5, 2\)",
+    ):
+        conv(jnp.ones((1, 5, 5, 2)))
+    # Too few axes: the layer's check or the runtime type checker, either naming the layer
+    # and the expected layout.
+    with pytest.raises(
+        (ValueError, TypeCheckError), match=r"(?s)Conv2d.*height.*width.*in_channels"
+    ):
+        conv(jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match=r"groups=3.*divisible by groups"):
+        nn.Conv2d(4, 6, 3, groups=3, key=key)
+    with pytest.raises(ValueError, match=r"groups=2.*divisible by groups"):
+        nn.Conv2d(4, 5, 3, groups=2, key=key)
+    with pytest.raises(ValueError, match=r"padding='FULL'"):
+        nn.Conv2d(3, 4, 3, padding="FULL", key=key)
+    with pytest.raises(ValueError, match=r"padding=.*-1.*non-negative"):
+        nn.Conv2d(3, 4, 3, padding=-1, key=key)
+    with pytest.raises(ValueError, match=r"stride=0"):
+        nn.Conv2d(3, 4, 3, stride=0, key=key)
+    with pytest.raises(ValueError, match=r"kernel_size=\(3, 3, 3\)"):
+        nn.Conv2d(3, 4, (3, 3, 3), key=key)

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import inspect
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import BATCHES, rand
 from jaxtyping import TypeCheckError
 
 import treenn
 import treenn.nn as nn
 from treenn.nn import DropPath
-
-
-def rand(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def test_drop_path_drops_whole_samples_and_rescales() -> None:
@@ -47,7 +45,9 @@ def test_drop_path_keys() -> None:
     y = np.asarray(drop(x, key=key))
     np.testing.assert_array_equal(np.asarray(drop(x, key=key)), y)
     assert not np.array_equal(np.asarray(drop(x, key=jax.random.key(4))), y)
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda m, x, k: m(x, key=k))(drop, x, key)), y)
+    np.testing.assert_array_equal(
+        np.asarray(eqx.filter_jit(lambda m, x, k: m(x, key=k))(drop, x, key)), y
+    )
 
 
 @pytest.mark.parametrize("shape", [(8,), (8, 3), (8, 2, 3)])
@@ -103,3 +103,52 @@ def test_drop_path_errors() -> None:
         DropPath(0.5)(jnp.ones((3, 2)), jax.random.key(0))  # type: ignore[misc]
     with pytest.raises(TypeError):
         DropPath(0.5, True)  # type: ignore[misc]
+
+
+# -- Dropout -----------------------------------------------------------------------------
+
+
+def test_dropout_training_drops_p_and_rescales(key: jax.Array) -> None:
+    drop = nn.Dropout(0.3)
+    x = jnp.ones((200, 100))
+    y = np.asarray(drop(x, key=key))
+    dropped = y == 0
+    assert dropped.mean() == pytest.approx(0.3, abs=0.015)
+    np.testing.assert_allclose(y[~dropped], np.float32(1) / np.float32(0.7), rtol=1e-6)
+    # Same key, same mask; another key, another mask.
+    np.testing.assert_array_equal(np.asarray(drop(x, key=key)), y)
+    assert not np.array_equal(np.asarray(drop(x, key=jax.random.key(1))), y)
+    # Expected value is preserved.
+    assert y.mean() == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_dropout_shapes(key: jax.Array, batch: tuple[int, ...]) -> None:
+    x = rand((*batch, 4))
+    assert nn.Dropout(0.5)(x, key=key).shape == x.shape
+
+
+def test_dropout_eval_and_edge_probabilities(key: jax.Array) -> None:
+    x = rand((3, 4))
+    np.testing.assert_array_equal(np.asarray(nn.eval_mode(nn.Dropout(0.5))(x)), np.asarray(x))
+    np.testing.assert_array_equal(
+        np.asarray(nn.Dropout(0.5, inference=True)(x, key=key)), np.asarray(x)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(nn.Dropout(0.0)(x)), np.asarray(x)
+    )  # p=0: no key needed
+    np.testing.assert_array_equal(np.asarray(nn.Dropout(1.0)(x, key=key)), np.zeros((3, 4)))
+    assert nn.Dropout().p == 0.5 and nn.Dropout().inference is False
+
+
+def test_dropout_errors(key: jax.Array) -> None:
+    with pytest.raises(ValueError, match=r"nn\.Dropout\(p=0\.5\).*training mode.*key"):
+        nn.Dropout(0.5)(jnp.ones(3))
+    with pytest.raises(ValueError, match=r"nn\.Dropout\(p=1\.5\).*\[0, 1\]"):
+        nn.Dropout(1.5)
+    with pytest.raises(ValueError, match=r"nn\.Dropout\(p=-0\.1\).*\[0, 1\]"):
+        nn.Dropout(-0.1)
+
+
+def test_dropout_has_no_arrays() -> None:
+    assert treenn.statuses(nn.Dropout(0.5)) == {}

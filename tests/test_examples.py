@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["linear probe", "BitFit", "gradual unfreezing", "full fine-tuning"]
 
 
+@pytest.mark.slow
 def test_finetune_quick(tmp_path):
     result = subprocess.run(
         [sys.executable, "examples/finetune.py", "--quick", "--out", str(tmp_path)],
@@ -29,21 +32,22 @@ def test_finetune_quick(tmp_path):
     assert (tmp_path / "finetune.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_finetune_quick_from_pytorch_weights(tmp_path):
     # A PyTorch state dict (torch tensors under torchvision's names, in a .pt file) of a
     # pretrained small-stem ResNet-18 replaces the pretraining.
     import jax
-    import numpy as np
     import torch
+    from safetensors.numpy import load_file
 
     import treenn
-    from treenn._tree import dotted, flatten
 
     model = treenn.models.resnet18(
         1000, in_channels=3, width=8, small_input=True, key=jax.random.key(3)
     )
-    paths, leaves, _ = flatten(model)
-    state = {dotted(p): torch.tensor(np.array(x)) for p, x in zip(paths, leaves)}
+    # A state dict under the model's dotted paths: what a treenn checkpoint holds.
+    treenn.save(tmp_path / "model.safetensors", model)
+    state = {k: torch.tensor(v) for k, v in load_file(tmp_path / "model.safetensors").items()}
     state["bn1.num_batches_tracked"] = torch.tensor(7)  # PyTorch saves it; ignored
     torch.save(state, tmp_path / "resnet18.pt")
     result = subprocess.run(

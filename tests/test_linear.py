@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import BATCHES, check_uniform_init, close, linear_ref, names, np64, rand, to_torch
 from jaxtyping import TypeCheckError
 
 import treenn
@@ -20,29 +21,7 @@ import treenn.nn as nn
 from treenn.nn import MLP, Embedding, Identity, gelu
 
 # One jitted call for every test (a new lambda per call would compile each time).
-call = jax.jit(lambda m, x: m(x))
-
-
-def rand(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def names(tree: Any) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        parts = [jax.tree_util.keystr((k,), simple=True) for k in path]
-        out[".".join(p for p in parts if p)] = tuple(x.shape)
-    return out
-
-
-def to_torch(x: Any) -> torch.Tensor:
-    return torch.from_numpy(np.array(x))
-
-
-def close(got: Any, want: Any, rtol: float = 1e-5, atol: float = 1e-5) -> None:
-    if isinstance(want, torch.Tensor):
-        want = want.detach().numpy()
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=atol)
+call = eqx.filter_jit(lambda m, x: m(x))
 
 
 # -- Identity ------------------------------------------------------------------------------
@@ -148,7 +127,7 @@ def test_mlp_default_act_is_exact_gelu() -> None:
     assert np.abs(approx - np.asarray(gelu(x))).max() > 1e-4
     # A custom activation is used, and is static.
     relu = MLP(IN, HIDDEN, act=jax.nn.relu, key=jax.random.key(0))
-    assert relu.act is jax.nn.relu and len(jax.tree_util.tree_leaves(relu)) == 4
+    assert relu.act is jax.nn.relu and len(treenn.statuses(relu)) == 4
     x = np.asarray(rand((2, IN), 3))
     h = np.maximum(x @ np.asarray(relu.fc1.weight).T + np.asarray(relu.fc1.bias), 0)
     close(relu(jnp.asarray(x)), h @ np.asarray(relu.fc2.weight).T + np.asarray(relu.fc2.bias))
@@ -322,3 +301,58 @@ def test_linear_matches_torch(bias: bool, batch: tuple[int, ...]) -> None:
     assert (
         abs(float(jnp.abs(layer.weight).max()) - float(ref.weight.detach().abs().max())) < bound / 2
     )
+
+
+# -- Linear ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_linear_shapes_and_numerics(key: jax.Array, batch: tuple[int, ...]) -> None:
+    layer = nn.Linear(4, 3, key=key)
+    x = rand((*batch, 4))
+    y = layer(x)
+    assert y.shape == (*batch, 3) and y.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np64(y), linear_ref(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_linear_without_bias(key: jax.Array) -> None:
+    layer = nn.Linear(4, 3, bias=False, key=key)
+    assert layer.bias is None
+    assert names(layer) == {"weight": (3, 4)}
+    x = rand((5, 4))
+    np.testing.assert_allclose(
+        np64(layer(x)), linear_ref(x, layer.weight, None), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_linear_names_and_init(key: jax.Array) -> None:
+    layer = nn.Linear(64, 32, key=key)
+    assert names(layer) == {"weight": (32, 64), "bias": (32,)}
+    assert layer.weight.dtype == jnp.float32
+    bound = 1 / math.sqrt(64)
+    check_uniform_init(layer.weight, bound)
+    check_uniform_init(layer.bias, bound, n_min=32)
+    assert not np.array_equal(np.asarray(layer.weight[0, :32]), np.asarray(layer.bias))
+    # Different keys, different parameters; same key, same parameters.
+    other = nn.Linear(64, 32, key=jax.random.key(1))
+    assert not np.array_equal(np.asarray(other.weight), np.asarray(layer.weight))
+    again = nn.Linear(64, 32, key=key)
+    np.testing.assert_array_equal(np.asarray(again.weight), np.asarray(layer.weight))
+
+
+def test_linear_dtype_argument(key: jax.Array) -> None:
+    layer = nn.Linear(3, 2, dtype=jnp.bfloat16, key=key)
+    assert layer.weight.dtype == jnp.bfloat16 and layer.bias.dtype == jnp.bfloat16
+    assert layer(jnp.ones((4, 3), jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_linear_errors(key: jax.Array) -> None:
+    layer = nn.Linear(4, 3, key=key)
+    with pytest.raises(ValueError, match=r"nn\.Linear\(4, 3\).*\(\*batch, 4\).*got shape \(2, 5\)"):
+        layer(jnp.ones((2, 5)))
+    with pytest.raises((ValueError, TypeCheckError), match=r"(?s)Linear.*in_features"):
+        layer(jnp.ones(()))
+    with pytest.raises(ValueError, match=r"nn\.Linear\(-1, 3\).*>= 0"):
+        nn.Linear(-1, 3, key=key)

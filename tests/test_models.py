@@ -15,15 +15,16 @@ from conftest import optax_promotion, paths_with
 import treenn
 import treenn.nn as nn
 from treenn import models
-from treenn._status import Buffer
-from treenn._tree import flatten
 
 
 def parameter_count(factory, **kwargs) -> int:
     """Parameters (not buffers) of a full-size model, without allocating it."""
     shapes = jax.eval_shape(lambda k: factory(key=k, **kwargs), jax.random.key(0))
-    _, leaves, _ = flatten(shapes)
-    return sum(math.prod(x.shape) for x in leaves if not isinstance(x, Buffer))
+    # `statuses` lists the arrays in the model's leaf order, as `tree_leaves` does.
+    kinds = treenn.statuses(shapes).values()
+    leaves = [x for x in jax.tree_util.tree_leaves(shapes) if hasattr(x, "shape")]
+    counted = ("trainable", "frozen")  # not buffers, nor the modes (bool leaves: "static")
+    return sum(math.prod(x.shape) for s, x in zip(kinds, leaves, strict=True) if s in counted)
 
 
 @pytest.mark.parametrize(

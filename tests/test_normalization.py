@@ -12,41 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import BATCHES, close, names, np64, rand, to_torch
 from jaxtyping import TypeCheckError
 
 import treenn
 import treenn.nn as nn
 from treenn.nn import BatchNorm, GroupNorm, LayerNorm, RMSNorm
 
-RTOL, ATOL = 1e-5, 1e-5
-
-
 # One jitted call for every test (a new lambda per call would compile each time).
-call = jax.jit(lambda m, x: m(x))
-
-
-def rand(shape: tuple[int, ...], seed: int = 0, loc: Any = 0.0, scale: Any = 1.0) -> jax.Array:
-    """Test data drawn with NumPy (no JAX compilation per shape)."""
-    z = np.random.default_rng(seed).standard_normal(shape) * scale + loc
-    return jnp.asarray(z, jnp.float32)
-
-
-def names(tree: Any) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        parts = [jax.tree_util.keystr((k,), simple=True) for k in path]
-        out[".".join(p for p in parts if p)] = tuple(x.shape)
-    return out
-
-
-def to_torch(x: Any) -> torch.Tensor:
-    return torch.from_numpy(np.array(x, dtype=np.float32))
-
-
-def close(got: Any, want: Any, rtol: float = RTOL, atol: float = ATOL) -> None:
-    if isinstance(want, torch.Tensor):
-        want = want.detach().numpy()
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=atol)
+call = eqx.filter_jit(lambda m, x: m(x))
 
 
 def nchw(x: Any) -> torch.Tensor:
@@ -112,8 +86,10 @@ def test_batchnorm_variants_names_and_buffers() -> None:
     frozen_field = BatchNorm(3, update_stats=False)
     assert frozen_field.update_stats is False and BatchNorm(3).update_stats is True
     assert BatchNorm(3).track_running_stats is True
-    # Both are static: not leaves.
-    assert len(jax.tree_util.tree_leaves(frozen_field)) == 4
+    # Both are static: not leaves (unlike `inference`, which mode switches edit).
+    leaves = jax.tree_util.tree_leaves_with_path(frozen_field)
+    paths = {jax.tree_util.keystr(p, simple=True, separator=".") for p, _ in leaves}
+    assert not {"update_stats", "track_running_stats"} & paths
 
 
 BN_CASES = [
@@ -435,3 +411,198 @@ def test_keyword_only_key(layer: Any) -> None:
     assert layer(x, key=jax.random.key(0)).shape == x.shape
     with pytest.raises(TypeError):
         layer(x, jax.random.key(0))
+
+
+# -- NumPy references (BatchNorm, LayerNorm) ------------------------------------------
+
+
+def batchnorm_ref(x: Any, mean: Any, var: Any, w: Any, b: Any, eps: float = 1e-5) -> np.ndarray:
+    return (np64(x) - np64(mean)) / np.sqrt(np64(var) + eps) * np64(w) + np64(b)
+
+
+def layernorm_ref(x: Any, n_axes: int, w: Any, b: Any, eps: float = 1e-5) -> np.ndarray:
+    x = np64(x)
+    axes = tuple(range(x.ndim - n_axes, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)
+    if w is not None:
+        y = y * np64(w)
+    if b is not None:
+        y = y + np64(b)
+    return y
+
+
+# -- BatchNorm ---------------------------------------------------------------------------
+
+
+def _affine_bn(n: int, key: jax.Array, **kwargs: Any) -> nn.BatchNorm:
+    bn = nn.BatchNorm(n, **kwargs)
+    return eqx.tree_at(
+        lambda m: (m.weight, m.bias),
+        bn,
+        (1 + 0.5 * rand((n,), 1), 0.3 * rand((n,), 2)),
+    )
+
+
+def test_batchnorm_names_and_defaults() -> None:
+    bn = nn.BatchNorm(3)
+    assert names(bn) == {"weight": (3,), "bias": (3,), "running_mean": (3,), "running_var": (3,)}
+    np.testing.assert_array_equal(np.asarray(bn.weight), np.ones(3))
+    np.testing.assert_array_equal(np.asarray(bn.bias), np.zeros(3))
+    np.testing.assert_array_equal(np.asarray(bn.running_mean), np.zeros(3))
+    np.testing.assert_array_equal(np.asarray(bn.running_var), np.ones(3))
+    assert bn.eps == 1e-5 and bn.momentum == 0.1 and bn.inference is False
+    trainable = treenn.trainable(bn)
+    assert trainable.running_mean is None and trainable.running_var is None
+    assert trainable.weight is not None and trainable.bias is not None
+    assert treenn.trainable(treenn.unfreeze(bn)).running_var is None  # buffers stay buffers
+
+
+@pytest.mark.parametrize("batch", [(8,), (2, 3), (2, 3, 4)])
+def test_batchnorm_training_and_running_statistics(key: jax.Array, batch: tuple[int, ...]) -> None:
+    bn = _affine_bn(3, key)
+    x = 2.0 + 1.5 * rand((*batch, 3))
+    y, bn1 = treenn.apply(bn, x)
+    flat = np64(x).reshape(-1, 3)
+    mean, biased, unbiased = flat.mean(0), flat.var(0), flat.var(0, ddof=1)
+    assert y.shape == x.shape
+    np.testing.assert_allclose(
+        np64(y), batchnorm_ref(x, mean, biased, bn.weight, bn.bias), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(np64(bn1.running_mean), 0.9 * 0 + 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np64(bn1.running_var), 0.9 * 1 + 0.1 * unbiased, rtol=1e-5)
+    # The input model is unchanged; the update is in the returned one only.
+    np.testing.assert_array_equal(np.asarray(bn.running_mean), np.zeros(3))
+    # A second step compounds from the first's statistics.
+    x2 = rand((*batch, 3), 7) - 1.0
+    _, bn2 = treenn.apply(bn1, x2)
+    flat2 = np64(x2).reshape(-1, 3)
+    np.testing.assert_allclose(
+        np64(bn2.running_mean),
+        0.9 * np64(bn1.running_mean) + 0.1 * flat2.mean(0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np64(bn2.running_var), 0.9 * np64(bn1.running_var) + 0.1 * flat2.var(0, ddof=1), rtol=1e-5
+    )
+    # Running statistics remain buffers after the update.
+    assert treenn.trainable(bn2).running_var is None
+
+
+def test_batchnorm_momentum_and_eps_arguments(key: jax.Array) -> None:
+    bn = nn.BatchNorm(2, momentum=0.25, eps=1e-2)
+    x = rand((5, 2))
+    y, new = treenn.apply(bn, x)
+    flat = np64(x)
+    np.testing.assert_allclose(np64(new.running_mean), 0.25 * flat.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np64(new.running_var), 0.75 + 0.25 * flat.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np64(y), batchnorm_ref(x, flat.mean(0), flat.var(0), 1, 0, eps=1e-2), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_batchnorm_eval_uses_running_statistics(key: jax.Array, batch: tuple[int, ...]) -> None:
+    bn = _affine_bn(3, key)
+    bn = eqx.tree_at(
+        lambda m: (m.running_mean, m.running_var),
+        bn,
+        (jnp.array([0.5, -1.0, 2.0]), jnp.array([0.25, 4.0, 1.5])),
+    )
+    assert treenn.trainable(bn).running_mean is None  # still a buffer after tree_at
+    ev = nn.eval_mode(bn)
+    x = rand((*batch, 3))
+    y = ev(x)  # no treenn.apply needed in eval mode
+    assert y.shape == x.shape
+    want = batchnorm_ref(x, [0.5, -1.0, 2.0], [0.25, 4.0, 1.5], bn.weight, bn.bias)
+    np.testing.assert_allclose(np64(y), want, rtol=1e-5, atol=1e-5)
+    out, same = treenn.apply(ev, x)  # eval mode: no statistics update
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(same.running_mean), np.asarray(bn.running_mean))
+
+
+def test_batchnorm_without_affine(key: jax.Array) -> None:
+    bn = nn.BatchNorm(3, affine=False)
+    assert bn.weight is None and bn.bias is None
+    assert names(bn) == {"running_mean": (3,), "running_var": (3,)}
+    x = rand((4, 3))
+    y, _ = treenn.apply(bn, x)
+    np.testing.assert_allclose(
+        np64(y), batchnorm_ref(x, np64(x).mean(0), np64(x).var(0), 1, 0), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_batchnorm_half_precision_input(key: jax.Array) -> None:
+    bn = nn.BatchNorm(3)
+    x = rand((6, 3)).astype(jnp.bfloat16)
+    y, new = treenn.apply(bn, x)
+    assert y.dtype == jnp.bfloat16
+    assert new.running_mean.dtype == jnp.float32
+    flat = np64(x)
+    np.testing.assert_allclose(
+        np64(y), batchnorm_ref(flat, flat.mean(0), flat.var(0), 1, 0), rtol=2e-2, atol=2e-2
+    )
+
+
+def test_batchnorm_errors(key: jax.Array) -> None:
+    bn = nn.BatchNorm(3)
+    with pytest.raises(ValueError, match=r"nn\.BatchNorm\(3\).*\(\*batch, 3\).*got shape \(4, 2\)"):
+        treenn.apply(bn, jnp.ones((4, 2)))
+    with pytest.raises((ValueError, TypeCheckError), match=r"(?s)BatchNorm.*num_features"):
+        nn.eval_mode(bn)(jnp.ones(()))
+    with pytest.raises(ValueError, match=r"nn\.BatchNorm\(3\).*more than one value per channel"):
+        treenn.apply(bn, jnp.ones((3,)))
+    with pytest.raises(RuntimeError, match=r"nn\.BatchNorm\(3\).*treenn\.apply"):
+        bn(jnp.ones((4, 3)))  # training mode outside treenn.apply would lose the statistics
+    with pytest.raises(ValueError, match=r"nn\.BatchNorm\(0\)"):
+        nn.BatchNorm(0)
+    with pytest.raises(ValueError, match=r"momentum=1\.5"):
+        nn.BatchNorm(3, momentum=1.5)
+
+
+# -- LayerNorm ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_layernorm_last_axis(key: jax.Array, batch: tuple[int, ...]) -> None:
+    norm = nn.LayerNorm(5)
+    assert names(norm) == {"weight": (5,), "bias": (5,)}
+    norm = eqx.tree_at(lambda m: (m.weight, m.bias), norm, (rand((5,), 1), rand((5,), 2)))
+    x = 3.0 + rand((*batch, 5))
+    y = norm(x)
+    assert y.shape == x.shape
+    np.testing.assert_allclose(
+        np64(y), layernorm_ref(x, 1, norm.weight, norm.bias), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_layernorm_tuple_shape_and_no_affine(key: jax.Array) -> None:
+    norm = nn.LayerNorm((3, 4))
+    assert names(norm) == {"weight": (3, 4), "bias": (3, 4)}
+    norm = eqx.tree_at(lambda m: (m.weight, m.bias), norm, (rand((3, 4), 1), rand((3, 4), 2)))
+    x = rand((2, 3, 4))
+    np.testing.assert_allclose(
+        np64(norm(x)), layernorm_ref(x, 2, norm.weight, norm.bias), rtol=1e-4, atol=1e-5
+    )
+
+    bare = nn.LayerNorm([3, 4], elementwise_affine=False, eps=1e-3)
+    assert bare.weight is None and bare.bias is None and names(bare) == {}
+    np.testing.assert_allclose(
+        np64(bare(x)), layernorm_ref(x, 2, None, None, eps=1e-3), rtol=1e-4, atol=1e-5
+    )
+
+    no_bias = nn.LayerNorm(4, bias=False)
+    assert names(no_bias) == {"weight": (4,)}
+
+
+def test_layernorm_errors(key: jax.Array) -> None:
+    with pytest.raises(
+        ValueError, match=r"nn\.LayerNorm\(\(3, 4\)\).*\(\*batch, 3, 4\).*got shape \(2, 4, 3\)"
+    ):
+        nn.LayerNorm((3, 4))(jnp.ones((2, 4, 3)))
+    with pytest.raises(ValueError, match=r"nn\.LayerNorm\(\(3, 4\)\).*got shape \(4,\)"):
+        nn.LayerNorm((3, 4))(jnp.ones((4,)))
+    with pytest.raises(ValueError, match=r"nn\.LayerNorm\(0\)"):
+        nn.LayerNorm(0)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import rand_np
 from jaxtyping import TypeCheckError
 
 from treenn.nn import (
@@ -45,10 +46,6 @@ BATCHES = [(), (2,), (2, 1)]
 EXTRA_BATCHES = [(), (2, 1)]
 SIZES = (7, 6, 5)  # odd and even spatial sizes
 CHANNELS = 3
-
-
-def rand(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def to_torch(x: np.ndarray, n: int) -> torch.Tensor:
@@ -84,7 +81,7 @@ def check_cases(cases: Cases, rtol: float = 1e-6, atol: float = 1e-6) -> None:
 def torch_case(
     ours: Any, theirs: Any, n: int, batch: tuple[int, ...], seed: int = 0, negative: bool = False
 ) -> tuple[Any, np.ndarray, np.ndarray]:
-    x = rand((*batch, *SIZES[:n], CHANNELS), seed)
+    x = rand_np((*batch, *SIZES[:n], CHANNELS), seed)
     if negative:
         x = -np.abs(x) - 1
     return ours, x, from_torch(theirs(to_torch(x, n)), batch)
@@ -190,9 +187,9 @@ def test_pool_gradients_match_torch() -> None:
         ),
         (AdaptiveAvgPool2d((3, 4)), torch.nn.AdaptiveAvgPool2d((3, 4))),
     ]
-    x = rand((2, 7, 6, CHANNELS))
+    x = rand_np((2, 7, 6, CHANNELS))
     ours = [layer for layer, _ in layers]
-    rs = [rand(tuple(jax.eval_shape(layer, jnp.asarray(x)).shape), seed=5) for layer in ours]
+    rs = [rand_np(tuple(jax.eval_shape(layer, jnp.asarray(x)).shape), seed=5) for layer in ours]
 
     @jax.jit
     def grads(ours: Any, x: jax.Array) -> Any:
@@ -241,7 +238,7 @@ def test_adaptive_avg_pool_output_size() -> None:
 def test_global_avg_pool(n: int) -> None:
     cases: Cases = {}
     for batch in BATCHES:
-        x = rand((*batch, *SIZES[:n], CHANNELS), seed=len(batch))
+        x = rand_np((*batch, *SIZES[:n], CHANNELS), seed=len(batch))
         mean = x.astype(np.float64).mean(axis=tuple(range(len(batch), len(batch) + n)))
         cases[f"batch={batch}"] = (GlobalAvgPool(n), x, mean.astype(np.float32))
         kept = mean.reshape((*batch, *(1,) * n, CHANNELS)).astype(np.float32)
@@ -307,7 +304,7 @@ def test_dtypes_are_kept() -> None:
         AdaptiveAvgPool2d(3),
         GlobalAvgPool(2),
     ]
-    x = jnp.asarray(rand((2, 9, 8, 3)) + 100, jnp.bfloat16)
+    x = jnp.asarray(rand_np((2, 9, 8, 3)) + 100, jnp.bfloat16)
     run = jax.jit(lambda layers, x: [layer(x) for layer in layers])
     for layer, y, y32 in zip(layers, run(layers, x), run(layers, x.astype(jnp.float32))):
         assert y.dtype == jnp.bfloat16, layer

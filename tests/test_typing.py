@@ -51,6 +51,7 @@ def test_typechecked_checks_return_shapes():
         bad(jnp.ones(3))
 
 
+@pytest.mark.slow
 def test_example_script_runs():
     result = subprocess.run(
         [sys.executable, "examples/typed_model.py"], cwd=ROOT, capture_output=True, text=True

@@ -1,5 +1,7 @@
 """treenn: Equinox-style immutable pytree modules with tree-surgery mode switching."""
 
+from importlib import metadata as _metadata
+
 from . import models as models, nn as nn
 from ._checkpoints import (
     CheckpointError as CheckpointError,
@@ -14,6 +16,7 @@ from ._freezing import (
     freeze_backbone as freeze_backbone,
     unfreeze as unfreeze,
 )
+from ._inspect import statuses as statuses
 from ._jit import jit as jit
 from ._labels import Labels as Labels, labels as labels, layer_decay as layer_decay
 from ._lora import load_trainable as load_trainable, lora as lora, merge_lora as merge_lora
@@ -35,4 +38,5 @@ from ._transforms import (
 )
 from ._typing import typechecked as typechecked
 
-__version__ = "0.1.0"
+# The version lives in pyproject.toml only; installed metadata carries it here.
+__version__ = _metadata.version("treenn")
