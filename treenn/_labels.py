@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._selectors import few
+from ._selectors import few, select
 from ._sharding import _first_rule, _Rule
 from ._status import Status, is_array_leaf, status_of
 from ._tree import check_model, dotted, flatten, unflatten
@@ -77,6 +77,18 @@ class Labels:
         return f"Labels({{{shown}}})"
 
 
+class _LabelRule(_Rule):
+    """A `treenn.shard` rule whose `spec` is a label string."""
+
+    __slots__ = ()
+
+    def __init__(self, where: Any, label: str, tree: Any):
+        self.where = where
+        self.spec = label  # type: ignore[assignment]
+        self.selection = select(where, tree)
+        self.used = []
+
+
 def _is_abstract(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
@@ -124,7 +136,7 @@ def labels(model: Any, rules: Mapping[Any, str]) -> Labels:
                 f"({type(label).__name__}); labels are strings, the keys of the "
                 "transforms given to optax.multi_transform"
             )
-    resolved = [_Rule(where, label, model) for where, label in rules.items()]
+    resolved = [_LabelRule(where, label, model) for where, label in rules.items()]
     return _label(model, resolved)
 
 
@@ -221,5 +233,5 @@ def layer_decay(model: Any, decay: float) -> Labels:
     rules.update({where: f"layer_{i + 1}" for i, where in enumerate(blocks)})
     rules["**"] = f"layer_{depth + 1}"
     scales = {f"layer_{i}": float(decay) ** (depth + 1 - i) for i in range(depth + 2)}
-    resolved = [_Rule(where, label, model) for where, label in rules.items()]
+    resolved = [_LabelRule(where, label, model) for where, label in rules.items()]
     return _label(model, resolved, scales)

@@ -305,8 +305,8 @@ def lora(
     where: Where,
     *,
     rank: int,
-    alpha: float | None = None,
-    dropout: float = 0.0,
+    alpha: float | int | None = None,
+    dropout: float | int = 0.0,
     key: PRNGKeyArray,
 ) -> T:
     """Add a low-rank adapter (LoRA) to every selected Linear, convolution and attention

@@ -1,0 +1,396 @@
+"""treenn.lora, treenn.merge_lora and adapter-only checkpoints (issue 17)."""
+
+from __future__ import annotations
+
+import pickle
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import close, optax_promotion, rand, rand_np, statuses
+
+import treenn
+import treenn.nn as nn
+from treenn._lora import (
+    LoRAConv2d,
+    LoRAEqxConv2d,
+    LoRAEqxLinear,
+    LoRALinear,
+    LoRAMultiheadAttention,
+)
+
+
+class Zoo(treenn.Module):
+    """One of each adaptable layer, treenn's and Equinox's, and a norm that is not."""
+
+    lin: nn.Linear
+    conv: nn.Conv2d
+    mha: nn.MultiheadAttention
+    norm: nn.LayerNorm
+    elin: eqx.nn.Linear
+    econv: eqx.nn.Conv2d
+
+    def __init__(self, *, key: jax.Array):
+        k = jax.random.split(key, 5)
+        self.lin = nn.Linear(4, 6, key=k[0])
+        self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, key=k[1])
+        self.mha = nn.MultiheadAttention(8, 2, key=k[2])
+        self.norm = nn.LayerNorm(8)
+        self.elin = eqx.nn.Linear(4, 6, key=k[3])
+        self.econv = eqx.nn.Conv2d(3, 5, 3, padding=1, key=k[4])
+
+
+X = rand((2, 4))
+IMG = rand((2, 7, 7, 3), seed=1)
+SEQ = rand((2, 5, 8), seed=2)
+CHW = rand((3, 6, 6), seed=3)
+
+CALLS = {
+    "lin": lambda m: m.lin(X),
+    "conv": lambda m: m.conv(IMG),
+    "mha": lambda m: nn.eval_mode(m.mha)(SEQ),
+    "elin": lambda m: m.elin(X[0]),
+    "econv": lambda m: m.econv(CHW),
+}
+
+
+def randomised(model, seed=0):
+    """`model` with every trainable array (the adapters) redrawn: lora_B nonzero."""
+    params, rest = treenn.partition(model)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    new = [
+        rand(x.shape, seed=seed + i, scale=0.3) if isinstance(x, jax.Array) else x
+        for i, x in enumerate(leaves)
+    ]
+    return treenn.combine(jax.tree_util.tree_unflatten(treedef, new), rest)
+
+
+@pytest.fixture
+def zoo(key):
+    return Zoo(key=key)
+
+
+# -- structure, status, initial outputs -----------------------------------------------
+
+
+def test_adapters_paths_layouts_and_status(zoo, key):
+    model = treenn.lora(zoo, None, rank=2, key=key)
+    got = {p: s for p, s in statuses(model).items() if s != "static"}
+    for layer, (w, b) in {
+        "lin": ("weight", "bias"),
+        "conv": ("weight", "bias"),
+        "mha": ("in_proj_weight", "in_proj_bias"),
+        "mha.out_proj": ("weight", "bias"),
+        "elin": ("weight", "bias"),
+        "econv": ("weight", "bias"),
+    }.items():
+        assert got[f"{layer}.{w}"] == got[f"{layer}.{b}"] == "frozen"
+        assert got[f"{layer}.lora_A"] == got[f"{layer}.lora_B"] == "trainable"
+    # The norm is not adaptable: its status is untouched.
+    assert got["norm.weight"] == "trainable"
+    assert model.lin.lora_A.shape == (2, 4) and model.lin.lora_B.shape == (6, 2)
+    assert model.conv.lora_A.shape == (2, 3, 3, 3) and model.conv.lora_B.shape == (5, 2, 1, 1)
+    assert model.mha.lora_A.shape == (2, 8) and model.mha.lora_B.shape == (24, 2)
+    assert model.econv.lora_A.shape == (2, 3, 3, 3)
+    assert isinstance(model.lin, nn.Linear) and type(model.lin) is LoRALinear
+    assert isinstance(model.conv, nn.Conv2d) and type(model.conv) is LoRAConv2d
+    assert type(model.mha) is LoRAMultiheadAttention
+    assert isinstance(model.elin, eqx.nn.Linear) and type(model.elin) is LoRAEqxLinear
+    assert isinstance(model.econv, eqx.nn.Conv2d) and type(model.econv) is LoRAEqxConv2d
+    assert np.all(np.asarray(model.lin.lora_B) == 0)
+    # lora_A: PEFT's Kaiming-uniform, U(±1/sqrt(fan_in)), not zero.
+    bound = 1 / np.sqrt(3 * 9)
+    a = np.asarray(model.conv.lora_A)
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.5 * bound
+
+
+def test_zero_init_leaves_outputs_unchanged(zoo, key):
+    model = treenn.lora(zoo, None, rank=3, alpha=7, key=key)
+    for name, call in CALLS.items():
+        np.testing.assert_array_equal(call(model), call(zoo), err_msg=name)
+
+
+def test_adapter_formula_and_scaling(key):
+    layer = nn.Linear(4, 6, key=key)
+    adapted = randomised(treenn.lora(layer, None, rank=2, alpha=5, key=key))
+    a, b = np.asarray(adapted.lora_A, np.float64), np.asarray(adapted.lora_B, np.float64)
+    x = np.asarray(X, np.float64)
+    want = x @ np.asarray(layer.weight, np.float64).T + np.asarray(layer.bias) + 2.5 * (x @ a.T @ b.T)
+    close(adapted(X), want.astype(np.float32), rtol=1e-5, atol=1e-5)
+    # alpha=None means alpha=rank: scaling 1.
+    plain = treenn.lora(layer, None, rank=2, key=key)
+    assert plain.scaling == 1.0 and adapted.scaling == 2.5
+
+
+def test_selection_rest_keeps_status(key):
+    vit = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=2, key=key)
+    model = treenn.lora(treenn.freeze(vit), "blocks.*.attn.*", rank=2, key=key)
+    trainable = {p for p, s in statuses(model).items() if s == "trainable"}
+    assert trainable == {
+        f"blocks.{i}.attn.{proj}.lora_{ab}"
+        for i in range(2)
+        for proj in ("qkv", "proj")
+        for ab in "AB"
+    }
+    # A layer selected by class, unfrozen model: only the selected layers freeze.
+    model = treenn.lora(vit, lambda m: m.head, rank=2, key=key)
+    st = statuses(model)
+    assert st["head.weight"] == "frozen" and st["blocks.0.mlp.fc1.weight"] == "trainable"
+
+
+def test_root_layer_and_class_selector(key):
+    layer = treenn.lora(nn.Linear(3, 2, key=key), nn.Linear, rank=1, key=key)
+    assert type(layer) is LoRALinear
+    assert type(treenn.merge_lora(layer)) is nn.Linear
+
+
+# -- merge ------------------------------------------------------------------------------
+
+
+def test_merge_gives_plain_model_with_the_same_outputs(zoo, key):
+    model = randomised(treenn.lora(zoo, None, rank=2, alpha=3, key=key))
+    merged = treenn.merge_lora(model)
+    for name, call in CALLS.items():
+        close(call(merged), np.asarray(call(model)), rtol=1e-5, atol=1e-5)
+        assert not np.allclose(call(merged), call(zoo), atol=1e-3), name  # adapters act
+    assert type(merged.lin) is nn.Linear and type(merged.conv) is nn.Conv2d
+    assert type(merged.mha) is nn.MultiheadAttention and type(merged.mha.out_proj) is nn.Linear
+    assert isinstance(merged.elin, eqx.nn.Linear) and not isinstance(merged.elin, LoRAEqxLinear)
+    st = statuses(merged)
+    assert not any("lora" in p for p in st)
+    assert st["lin.weight"] == st["econv.weight"] == st["mha.in_proj_weight"] == "frozen"
+    assert statuses(treenn.merge_lora(treenn.unfreeze(model)))["lin.weight"] == "trainable"
+
+
+def test_merge_without_adapters_is_an_error(zoo):
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        treenn.merge_lora(zoo)
+
+
+# -- misuse ---------------------------------------------------------------------------
+
+
+def test_selector_with_nothing_adaptable_is_an_error(zoo, key):
+    with pytest.raises(ValueError, match=r"where='norm' matches no layer that takes a LoRA"):
+        treenn.lora(zoo, "norm", rank=2, key=key)
+    with pytest.raises(ValueError, match=r"where='lin.weight' matches no layer"):
+        treenn.lora(zoo, "lin.weight", rank=2, key=key)
+    with pytest.raises(ValueError, match="has no layer that takes a LoRA"):
+        treenn.lora(nn.LayerNorm(3), None, rank=2, key=key)
+
+
+def test_bad_arguments(zoo, key):
+    for kwargs, match in [
+        ({"rank": 0}, "rank=0"),
+        ({"rank": 2, "alpha": -1}, "alpha=-1"),
+        ({"rank": 2, "dropout": 1.0}, "dropout=1.0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            treenn.lora(zoo, "lin", key=key, **kwargs)
+    with pytest.raises(TypeError, match="key"):
+        treenn.lora(zoo, "lin", rank=2, key=3)
+
+
+def test_already_adapted_grouped_and_unsupported_layers(zoo, key):
+    model = treenn.lora(zoo, "lin", rank=2, key=key)
+    with pytest.raises(ValueError, match="'lin' already has a LoRA adapter"):
+        treenn.lora(model, "**", rank=2, key=key)
+    grouped = nn.Conv2d(4, 4, 3, groups=2, key=key)
+    with pytest.raises(ValueError, match="grouped convolution"):
+        treenn.lora(grouped, None, rank=2, key=key)
+    cross = nn.MultiheadAttention(8, 2, kdim=4, key=key)
+    with pytest.raises(ValueError, match="separate q/k/v"):
+        treenn.lora(cross, None, rank=2, key=key)
+    with pytest.raises(ValueError, match="dropout=0.1 on 'mha'"):
+        treenn.lora(zoo, "mha", rank=2, dropout=0.1, key=key)
+
+    class MyLinear(nn.Linear):
+        def __call__(self, x, *, key=None):
+            return x @ self.weight.T * 2
+
+    with pytest.raises(TypeError, match="is a .*MyLinear, a subclass"):
+        treenn.lora(MyLinear(3, 3, key=key), None, rank=1, key=key)
+
+
+# -- modes, freezing and the other helpers --------------------------------------------
+
+
+def test_adapter_dropout_is_mode_bearing(key):
+    mlp = nn.Sequential(nn.Linear(4, 8, key=key), nn.Dropout(0.2))
+    model = treenn.lora(mlp, "layers.0", rank=2, dropout=0.5, key=key)
+    assert nn.modes(model) == {"layers.0.lora_dropout": False, "layers.1": False}
+    adapted = randomised(model)
+    with pytest.raises(ValueError, match="lora_dropout.*needs `key=`"):
+        adapted.layers[0](X)
+    y1, y2 = (adapted.layers[0](X, key=jax.random.key(i)) for i in (1, 2))
+    assert not np.allclose(y1, y2)  # dropout acts in training mode
+    ev = nn.eval_mode(adapted)
+    assert set(nn.modes(ev).values()) == {True}
+    want = treenn.merge_lora(adapted).layers[0](X)
+    close(ev.layers[0](X), np.asarray(want))
+    # Pins: a pinned adapter dropout keeps its mode.
+    pinned = nn.eval_mode(adapted, "**.lora_dropout", pin=True)
+    assert nn.modes(nn.train_mode(pinned))["layers.0.lora_dropout"] is True
+    # The dropout starts in evaluation mode when the whole model is in it.
+    ev_model = treenn.lora(nn.eval_mode(mlp), "layers.0", rank=2, dropout=0.5, key=key)
+    assert set(nn.modes(ev_model).values()) == {True}
+    # No dropout: PEFT's Identity, no mode.
+    assert nn.modes(treenn.lora(mlp, "layers.0", rank=2, key=key)) == {"layers.1": False}
+
+
+def test_freeze_and_unfreeze_adapters(zoo, key):
+    model = treenn.lora(zoo, "lin", rank=2, key=key)
+    frozen = treenn.freeze(model, "lin")
+    assert statuses(frozen)["lin.lora_A"] == "frozen"
+    back = treenn.unfreeze(frozen, "**.lora_*")
+    assert statuses(back)["lin.lora_A"] == "trainable"
+    assert statuses(back)["lin.weight"] == "frozen"
+    assert type(back.lin) is LoRALinear
+
+
+def test_summary_shows_adapters(zoo, key):
+    text = treenn.summary(treenn.lora(zoo, "lin", rank=2, dropout=0.1, key=key))
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("lin")}
+    assert rows["lin.lora_A"][1] == "LoRALinear" and "trainable" in rows["lin.lora_A"]
+    assert rows["lin.weight"][1] == "LoRALinear" and "frozen" in rows["lin.weight"]
+    assert rows["lin.lora_dropout"][1] == "Dropout"
+
+
+def test_save_load_pickle_jit(zoo, key, tmp_path):
+    model = randomised(treenn.lora(zoo, None, rank=2, key=key))
+    treenn.save(tmp_path / "m.eqx", model)
+    back = treenn.load(tmp_path / "m.eqx", treenn.lora(Zoo(key=key), None, rank=2, key=key))
+    assert statuses(back) == statuses(model)
+    for name, call in CALLS.items():
+        np.testing.assert_array_equal(call(back), call(model), err_msg=name)
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again.elin) is LoRAEqxLinear
+    np.testing.assert_array_equal(again.lin(X), model.lin(X))
+    jitted = treenn.jit(lambda m, x: m.conv(x))
+    close(jitted(model, IMG), np.asarray(model.conv(IMG)))
+
+
+def test_adapter_only_checkpoint(key, tmp_path):
+    vit = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=2, key=key)
+    model = treenn.lora(treenn.freeze(vit), "**.qkv", rank=2, key=key)
+    model = randomised(treenn.unfreeze(model, "head"))
+    treenn.save(tmp_path / "adapters.eqx", treenn.trainable(model))
+    treenn.save(tmp_path / "full.eqx", model)
+    small, full = ((tmp_path / f).stat().st_size for f in ("adapters.eqx", "full.eqx"))
+    assert small < full / 5
+    # A fresh model: the base from elsewhere (here: the same init), adapters from the file.
+    fresh = treenn.unfreeze(treenn.lora(treenn.freeze(vit), "**.qkv", rank=2, key=key), "head")
+    loaded = treenn.load_trainable(tmp_path / "adapters.eqx", fresh)
+    img = rand((2, 8, 8, 3))
+    np.testing.assert_array_equal(loaded(img), model(img))
+    # Another trainable set: load's error names the paths.
+    other = treenn.lora(treenn.freeze(vit), "**.proj", rank=2, key=key)
+    with pytest.raises(Exception, match="qkv|proj"):
+        treenn.load_trainable(tmp_path / "adapters.eqx", other)
+
+
+def test_train_step_trains_adapters_only(key):
+    net = nn.Sequential(nn.Linear(4, 8, key=key), jax.nn.relu, nn.Linear(8, 2, key=key))
+    model = treenn.lora(treenn.freeze(net), nn.Linear, rank=2, key=key)
+    tx = optax.adam(1e-2)
+    with optax_promotion():
+        opt_state = tx.init(treenn.trainable(model))
+    step = treenn.train_step(lambda m, x: jnp.mean(m(x) ** 2), tx)
+    with optax_promotion():
+        new, opt_state, _ = step(model, opt_state, X)
+    for i in (0, 2):
+        np.testing.assert_array_equal(new.layers[i].weight, model.layers[i].weight)
+    assert not np.array_equal(new.layers[2].lora_B, model.layers[2].lora_B)
+    assert set(jax.tree_util.tree_leaves(jax.tree.map(lambda x: x.shape, opt_state[0].mu)))
+
+
+def test_shard_rules_on_adapted_model(key):
+    from jax.sharding import AxisType, PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+    model = treenn.lora(nn.Linear(4, 6, key=key), None, rank=2, key=key)
+    placed = treenn.shard(model, mesh, {"lora_B": P("model"), "**": P()})
+    assert statuses(placed) == statuses(model)
+    assert placed.lora_B.sharding.spec == P("model")
+
+
+def test_load_torch_base_weights_by_unchanged_paths(key):
+    vit = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=1, key=key)
+    state = {k: np.asarray(v) for k, v in _named_arrays(vit).items()}
+    other = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=1, key=jax.random.key(9))
+    adapted = treenn.lora(treenn.freeze(other), "**.qkv", rank=2, key=key)
+    loaded, report = treenn.load_torch(adapted, state, strict=False, report=True)
+    np.testing.assert_array_equal(loaded.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert set(report.missing) == {"blocks.0.attn.qkv.lora_A", "blocks.0.attn.qkv.lora_B"}
+    assert statuses(loaded) == statuses(adapted)
+    with pytest.raises(treenn.CheckpointError, match="lora_A"):
+        treenn.load_torch(adapted, state)
+
+
+def _named_arrays(model):
+    from treenn._tree import dotted, flatten
+
+    paths, leaves, _ = flatten(model)
+    return {dotted(p): np.asarray(x) for p, x in zip(paths, leaves) if hasattr(x, "shape")}
+
+
+# -- numerics against Hugging Face PEFT -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_matches_peft_linear_and_conv2d():
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 5)
+            self.conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    torch.manual_seed(0)
+    net = Net()
+    config = peft.LoraConfig(r=3, lora_alpha=7, target_modules=["fc", "conv"])
+    peft_net = peft.get_peft_model(net, config)
+    for name, p in peft_net.named_parameters():
+        if "lora_B" in name:  # nonzero, so that the adapter shows
+            torch.nn.init.normal_(p, std=0.5)
+    inner = peft_net.base_model.model
+    sd = {k: v.detach().numpy() for k, v in inner.fc.state_dict().items()}
+    sd_c = {k: v.detach().numpy() for k, v in inner.conv.state_dict().items()}
+
+    key = jax.random.key(0)
+    fc = treenn.lora(nn.Linear(6, 5, key=key), None, rank=3, alpha=7, key=key)
+    fc = _fill(fc, sd["base_layer.weight"], sd["base_layer.bias"], sd["lora_A.default.weight"],
+               sd["lora_B.default.weight"])
+    conv = treenn.lora(nn.Conv2d(3, 4, 3, stride=2, padding=1, key=key), None, rank=3, alpha=7,
+                       key=key)
+    conv = _fill(conv, sd_c["base_layer.weight"], sd_c["base_layer.bias"],
+                 sd_c["lora_A.default.weight"], sd_c["lora_B.default.weight"])
+    x = rand_np((2, 6))
+    img = rand_np((2, 3, 9, 9), seed=1)  # NCHW for torch
+    with torch.no_grad():
+        want_fc = inner.fc(torch.from_numpy(x)).numpy()
+        want_conv = inner.conv(torch.from_numpy(img)).numpy()
+    close(fc(jnp.asarray(x)), want_fc, rtol=1e-5, atol=1e-5)
+    got = conv(jnp.asarray(img.transpose(0, 2, 3, 1)))
+    close(np.asarray(got).transpose(0, 3, 1, 2), want_conv, rtol=1e-5, atol=1e-5)
+    # merge_and_unload: the same merged weights.
+    merged_torch = peft_net.merge_and_unload()
+    close(treenn.merge_lora(fc).weight, merged_torch.fc.weight, rtol=1e-6, atol=1e-6)
+    close(treenn.merge_lora(conv).weight, merged_torch.conv.weight, rtol=1e-6, atol=1e-6)
+
+
+def _fill(layer, w, b, a, bb):
+    from treenn._status import Frozen
+
+    return treenn._tree.replace_fields(
+        layer,
+        weight=Frozen(jnp.asarray(w)),
+        bias=Frozen(jnp.asarray(b)),
+        lora_A=jnp.asarray(a),
+        lora_B=jnp.asarray(bb),
+    )
