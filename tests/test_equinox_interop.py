@@ -55,21 +55,19 @@ def test_treenn_module_is_an_equinox_module(net: Net) -> None:
         net.head = net.head  # type: ignore[misc]
 
 
-def test_static_fields_are_not_leaves(net: Net) -> None:
-    """`inference`, `pinned`, sizes and wrapped functions are static: the only leaves are
-    arrays, so plain `jax.jit` / `jax.grad` take a whole treenn model."""
+def test_inference_is_a_bool_leaf_as_in_equinox(net: Net) -> None:
+    """As on Equinox's layers, `inference` is an ordinary field holding a Python bool
+    leaf (so `tree_at`-based helpers flip it); sizes and wrapped functions are static.
+    Filtered transforms treat the bools as static (see test_filter_jit)."""
     leaves = jax.tree_util.tree_leaves(net)
-    assert len(leaves) == 10
-    assert all(isinstance(x, jax.Array) for x in leaves)
-    assert {f.name for f in dataclasses.fields(nn.Dropout) if f.metadata.get("static")} >= {
-        "inference",
-        "pinned",
-        "p",
-    }
-    assert {f.name for f in dataclasses.fields(nn.BatchNorm) if f.metadata.get("static")} >= {
-        "inference",
-        "pinned",
-    }
+    assert len(leaves) == 12
+    assert sum(isinstance(x, jax.Array) for x in leaves) == 10
+    assert [x for x in leaves if not isinstance(x, jax.Array)] == [False, False]
+    for cls in (nn.Dropout, nn.DropPath, nn.BatchNorm):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert not fields["inference"].metadata.get("static", False)
+        assert "pinned" not in fields  # the pin is a mark around the bool
+    assert {f.name for f in dataclasses.fields(nn.Dropout) if f.metadata.get("static")} == {"p"}
 
 
 # -- Equinox transforms on treenn models -------------------------------------------------------
@@ -105,7 +103,8 @@ def test_filter_grad_gives_zero_to_frozen_arrays_and_buffers(net: Net, images: j
     # Eval mode: the loss depends on the running statistics, which still get no gradient.
     model = treenn.freeze(nn.eval_mode(net), "backbone.layers.0")
     grads = eqx.filter_grad(loss)(model, images)
-    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(model)
+    arrays = eqx.filter(model, eqx.is_inexact_array)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(arrays)
     bn = grads.backbone[1]
     assert abs_sum(grads.backbone[0].weight) == 0 and abs_sum(grads.backbone[0].bias) == 0  # frozen
     assert abs_sum(bn.running_mean) == 0 and abs_sum(bn.running_var) == 0  # buffers
@@ -146,18 +145,19 @@ def test_partition_and_combine(net: Net, images: jax.Array) -> None:
     model = nn.eval_mode(treenn.freeze(net, "head"))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     assert len(jax.tree_util.tree_leaves(params)) == 10  # frozen arrays and buffers are arrays too
-    assert jax.tree_util.tree_leaves(static) == []
+    assert jax.tree_util.tree_leaves(static) == [True, True]  # the modes: bool leaves
     back = eqx.combine(params, static)
     assert eqx.tree_equal(back, model)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(model)
     assert treenn.trainable(back).head.weight is None
     np.testing.assert_array_equal(np.asarray(back(images)), np.asarray(model(images)))
-    # treenn.partition's trainable half has default modes (so optimiser states do not
-    # depend on modes): rebuild with treenn.combine; eqx.combine works in default modes.
+    # treenn.partition's trainable half holds None at modes (so optimiser states do not
+    # depend on modes); both combines rebuild the model.
     train, rest = treenn.partition(model)
     assert eqx.tree_equal(treenn.combine(train, rest), model)
-    train, rest = treenn.partition(nn.train_mode(model))
-    assert eqx.tree_equal(eqx.combine(train, rest), nn.train_mode(model))
+    assert eqx.tree_equal(eqx.combine(train, rest), model)
+    train2, _ = treenn.partition(nn.train_mode(model, pin=True))
+    assert jax.tree_util.tree_structure(train2) == jax.tree_util.tree_structure(train)
 
 
 def test_tree_at_keeps_status(net: Net) -> None:
@@ -240,13 +240,13 @@ def test_keystr_simple_paths_gain_only_a_trailing_separator(net: Net) -> None:
     assert [p.rstrip(".") for p in paths(treenn.freeze(net))] == [p.rstrip(".") for p in paths(net)]
 
 
-# -- plain JAX on whole treenn models ------------------------------------------------------------
+# -- filtered transforms on whole treenn models (plain jax.jit/grad: not promised) ---------------
 
 
-def test_plain_jax_jit_with_batchnorm_and_dropout(
+def test_filter_jit_with_batchnorm_and_dropout(
     net: Net, images: jax.Array, key: jax.Array
 ) -> None:
-    @jax.jit
+    @eqx.filter_jit
     def step(model: Net, x: jax.Array, k: jax.Array) -> tuple[jax.Array, Net]:
         return treenn.apply(model, x, key=k)
 
@@ -261,7 +261,8 @@ def test_plain_jax_jit_with_batchnorm_and_dropout(
         atol=1e-7,
     )
     assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(net)
-    # Modes are static: an eval-mode model is a different jit specialisation, deterministic.
+    # Modes are bool leaves, static to filtered jit: an eval-mode model is a different
+    # specialisation, deterministic.
     ev = nn.eval_mode(new)
     a, same = step(ev, images, key)
     b, _ = step(ev, images, jax.random.key(5))
@@ -269,9 +270,9 @@ def test_plain_jax_jit_with_batchnorm_and_dropout(
     assert arrays_equal(same, ev)
 
 
-def test_plain_jax_grad_of_whole_model(net: Net, images: jax.Array) -> None:
+def test_filter_grad_of_whole_model(net: Net, images: jax.Array) -> None:
     model = treenn.freeze(nn.eval_mode(net), "head")
-    grads = jax.grad(loss)(model, images)
+    grads = eqx.filter_grad(loss)(model, images)
     assert abs_sum(grads.head.weight) == 0 and abs_sum(grads.head.bias) == 0
     assert abs_sum(grads.backbone[1].running_var) == 0
     assert abs_sum(grads.backbone[0].weight) > 0
@@ -280,13 +281,25 @@ def test_plain_jax_grad_of_whole_model(net: Net, images: jax.Array) -> None:
 # -- modes: Equinox's inference_mode vs nn.eval_mode --------------------------------------------
 
 
-def test_equinox_inference_mode_raises_on_treenn_layers(net: Net) -> None:
-    """Documented limitation: treenn's `inference` is a static field, which
-    `eqx.nn.inference_mode` (an `eqx.tree_at` on leaves) cannot replace. Use `nn.eval_mode`."""
-    with pytest.raises(TypeError, match="not a leaf"):
-        eqx.nn.inference_mode(net)
-    with pytest.raises(TypeError, match="not a leaf"):
-        eqx.nn.inference_mode(nn.Dropout(0.5))
+def test_equinox_inference_mode_and_tree_at_on_treenn_layers(net: Net) -> None:
+    """Issue 13: `eqx.nn.inference_mode` and `eqx.tree_at` on `inference` work on treenn
+    models (they raised "not a leaf" while `inference` was static) and agree with
+    `nn.modes`. They know no pins: an explicit call does what it says, the pin stays."""
+    evaluated = eqx.nn.inference_mode(net)
+    assert nn.modes(evaluated) == {"backbone.layers.1": True, "backbone.layers.3": True}
+    assert eqx.tree_equal(evaluated, nn.eval_mode(net))
+    back = eqx.nn.inference_mode(evaluated, value=False)
+    assert eqx.tree_equal(back, net)
+    assert nn.modes(eqx.nn.inference_mode(nn.Dropout(0.5))) == {"": True}
+    edited = eqx.tree_at(lambda m: m.backbone.layers[3].inference, net, True)
+    assert nn.modes(edited) == {"backbone.layers.1": False, "backbone.layers.3": True}
+    # Pinned: the explicit Equinox call switches it, and the pin survives.
+    pinned = nn.eval_mode(net, "backbone.layers.1", pin=True)
+    switched = eqx.tree_at(lambda m: m.backbone.layers[1].inference, pinned, False)
+    assert nn.modes(switched)["backbone.layers.1"] is False
+    assert nn.pinned(switched)["backbone.layers.1"] is True
+    assert nn.modes(eqx.nn.inference_mode(pinned, value=False))["backbone.layers.1"] is False
+    assert nn.pinned(eqx.nn.inference_mode(pinned, value=False))["backbone.layers.1"] is True
 
 
 class Mixed(eqx.Module):
@@ -323,13 +336,21 @@ def test_eval_mode_works_on_treenn_and_equinox_layers() -> None:
     assert eqx.nn.inference_mode(EqxUser(key=jax.random.key(0))).drop.inference is True
 
 
-def test_eval_mode_pin_on_equinox_layer_is_an_error_not_silent() -> None:
-    model, _ = _mixed()
-    with pytest.raises(ValueError, match=r"cannot pin .*Dropout.*'theirs'"):
-        nn.eval_mode(model, "theirs", pin=True)
-    pinned = nn.eval_mode(model, "bn", pin=True)
-    assert nn.pinned(pinned)["bn"] is True
-    assert nn.modes(nn.train_mode(pinned))["bn"] is True
+def test_pins_work_on_equinox_layers() -> None:
+    """Issue 13: pinning an Equinox layer raised `cannot pin ... it has no pinned field`."""
+    model, state = _mixed()
+    pinned = nn.eval_mode(model, "their*", pin=True)
+    assert nn.pinned(pinned) == {"ours": False, "bn": False, "theirs": True, "their_bn": True}
+    trained = nn.train_mode(pinned)
+    assert nn.modes(trained) == {"ours": False, "bn": False, "theirs": True, "their_bn": True}
+    # The pinned Equinox dropout really runs in evaluation mode (the identity).
+    x = jnp.ones((4, 3))
+    assert jnp.array_equal(trained.theirs(x, key=jax.random.key(0)), x)
+    assert isinstance(trained.theirs, eqx.nn.Dropout)
+    assert trained.theirs.inference is True  # a bool, never a mark
+    unpinned = nn.unpin(trained)
+    assert nn.pinned(unpinned) == dict.fromkeys(("ours", "bn", "theirs", "their_bn"), False)
+    assert type(unpinned.theirs) is eqx.nn.Dropout  # the original class again
 
 
 # -- treenn helpers on plain Equinox models --------------------------------------------------------

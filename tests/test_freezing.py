@@ -128,21 +128,23 @@ def test_freeze_and_unfreeze_are_idempotent(net):
 
 def test_status_survives_jit(net):
     frozen = treenn.unfreeze(treenn.freeze(net), "**.bias")
-    for transform in (jax.jit, eqx.filter_jit):
+    for transform in (treenn.jit, eqx.filter_jit):
         out = transform(lambda m: m)(frozen)
         assert statuses(out) == statuses(frozen)
         assert trainable_leaf_paths(out) == BIASES
     # Freezing inside jit.
-    inside = jax.jit(lambda m: treenn.freeze(m, "head.**"))(net)
+    inside = eqx.filter_jit(lambda m: treenn.freeze(m, "head.**"))(net)
     assert paths_with(inside, "frozen") == {"head.weight", "head.bias"}
     assert paths_with(inside, "buffer") == NET_BUFFERS
 
 
 def test_status_survives_vmap(net):
     def make(scale):
-        return treenn.freeze(jtu.tree_map(lambda x: scale * x, net), "backbone.**")
+        scaled = jtu.tree_map(lambda x: scale * x if eqx.is_array(x) else x, net)
+        return treenn.freeze(scaled, "backbone.**")
 
-    models = jax.vmap(make)(jnp.array([1.0, 2.0]))
+    # Modes are bool leaves, as in Equinox: filtered vmap (plain jax.vmap would map them).
+    models = eqx.filter_vmap(make)(jnp.array([1.0, 2.0]))
     assert paths_with(models, "frozen") == NET_PARAMS - {"head.weight", "head.bias"}
     assert paths_with(models, "buffer") == NET_BUFFERS
     assert trainable_leaf_paths(models) == {"head.weight", "head.bias"}
@@ -150,7 +152,7 @@ def test_status_survives_vmap(net):
     assert models.backbone.layers[0].weight.shape == (2, 4, 3, 3, 3)
     assert jnp.array_equal(models.backbone.layers[0].weight[1], 2.0 * net.backbone.layers[0].weight)
     # Mapping over the batched model keeps the statuses too.
-    again = jax.vmap(lambda m: m)(models)
+    again = eqx.filter_vmap(lambda m: m)(models)
     assert statuses(again) == statuses(models)
 
 
@@ -195,11 +197,13 @@ def _loss(model, x):
     return jnp.sum(jnp.square(model(x)))
 
 
-def test_plain_jax_grad_is_zero_for_frozen_arrays_and_buffers(net, images):
+def test_whole_model_grad_is_zero_for_frozen_arrays_and_buffers(net, images):
+    # eqx.filter_grad of the whole model (plain jax.grad is not promised: modes are bool
+    # leaves, as in Equinox).
     model = nn.eval_mode(net)  # eval-mode BatchNorm: the running stats are used
     frozen = treenn.freeze(model, "backbone.layers.0")
-    grads_ref = jax.jit(jax.grad(_loss))(model, images)
-    grads = jax.jit(jax.grad(_loss))(frozen, images)
+    grads_ref = eqx.filter_jit(eqx.filter_grad(_loss))(model, images)
+    grads = eqx.filter_jit(eqx.filter_grad(_loss))(frozen, images)
     for path in ("backbone.layers.0.weight", "backbone.layers.0.bias", *NET_BUFFERS):
         assert not bool(jnp.any(leaf(grads, path) != 0.0)), path
     # Buffers get zero gradient without any freezing, too.
@@ -213,9 +217,9 @@ def test_plain_jax_grad_is_zero_for_frozen_arrays_and_buffers(net, images):
     assert bool(jnp.any(leaf(grads, "backbone.layers.1.weight") != 0.0))
 
 
-def test_plain_jax_grad_of_a_fully_frozen_model_is_zero(net, images):
+def test_whole_model_grad_of_a_fully_frozen_model_is_zero(net, images):
     frozen = treenn.freeze(nn.eval_mode(net))
-    grads = jax.jit(jax.grad(_loss))(frozen, images)
+    grads = eqx.filter_jit(eqx.filter_grad(_loss))(frozen, images)
     assert all(not bool(jnp.any(g != 0.0)) for g in jtu.tree_leaves(grads))
     assert len(jtu.tree_leaves(grads)) == len(NET_PARAMS | NET_BUFFERS)
 

@@ -226,13 +226,25 @@ def test_pin_keeps_the_mode_through_unpinned_calls(net):
     assert nn.modes(nn.train_mode(evaluated)) == {BN: True, DROP: False}
 
 
-def test_pinned_modules_skipped_count_as_acted_on(net):
+def test_explicit_switch_of_only_pinned_modules_is_an_error(net):
+    """Issue 13 (3): `nn.train_mode(p, "backbone.block1.bn")` with that module pinned
+    returned `p` unchanged and raised nothing."""
     pinned = nn.eval_mode(net, nn.BatchNorm, pin=True)
-    # The selection matches only the pinned module: no error, no change.
     for where in (nn.BatchNorm, BN, lambda m: m.backbone.layers[1]):
-        out = nn.train_mode(pinned, where)
-        assert nn.modes(out) == {BN: True, DROP: False}
-        assert nn.pinned(out) == {BN: True, DROP: False}
+        with pytest.raises(ValueError, match=r"only pinned modules \('backbone\.layers\.1'\)"):
+            nn.train_mode(pinned, where)
+        with pytest.raises(ValueError, match=r"pin=True.*nn\.unpin"):
+            nn.train_mode(pinned, where)
+    # The ways out: pin=True switches (the pin stays), or unpin first.
+    out = nn.train_mode(pinned, BN, pin=True)
+    assert nn.modes(out) == {BN: False, DROP: False} and nn.pinned(out)[BN] is True
+    assert nn.modes(nn.train_mode(nn.unpin(pinned, BN), BN))[BN] is False
+    # Partly pinned: the others switch, the pinned one keeps its mode.
+    evaluated = nn.eval_mode(nn.unpin(pinned))
+    part = nn.train_mode(nn.eval_mode(evaluated, BN, pin=True), "backbone.**")
+    assert nn.modes(part) == {BN: True, DROP: False}
+    # where=None never errors.
+    assert nn.modes(nn.train_mode(nn.eval_mode(net, pin=True))) == {BN: True, DROP: True}
 
 
 def test_frozen_batchnorm_recipe(net, images, key):
@@ -278,21 +290,21 @@ def test_unpin_removes_pins_without_changing_modes(net):
         nn.unpin(pinned, "head")
 
 
-def test_pin_on_a_foreign_equinox_layer_is_a_clear_error(eqx_user):
-    message = r"cannot pin .*Dropout at 'drop'"
-    with pytest.raises(ValueError, match=message):
-        nn.eval_mode(eqx_user, pin=True)
-    with pytest.raises(ValueError, match=message):
-        nn.train_mode(eqx_user, "drop", pin=True)
+def test_pin_on_a_foreign_equinox_layer(eqx_user):
+    """Issue 13: pins work on Equinox's layers (they raised `cannot pin ...`)."""
+    pinned = nn.eval_mode(eqx_user, pin=True)
+    assert nn.pinned(pinned) == {"drop": True} and nn.modes(pinned) == {"drop": True}
+    assert nn.modes(nn.train_mode(pinned)) == {"drop": True}
+    assert nn.modes(nn.train_mode(eqx_user, "drop", pin=True)) == {"drop": False}
     bn = eqx.nn.BatchNorm(2, axis_name="batch", mode="batch")
-    with pytest.raises(ValueError, match=r"cannot pin .*BatchNorm at ''"):
-        nn.eval_mode(bn, pin=True)
+    pinned_bn = nn.eval_mode(bn, pin=True)
+    assert nn.pinned(pinned_bn) == {"": True}
+    assert pinned_bn.inference is True and isinstance(pinned_bn, eqx.nn.BatchNorm)
     # Pinning only the treenn layer of a mixed model works.
     mixed = nn.eval_mode(Mixed(), "ours", pin=True)
     assert nn.pinned(mixed) == {"ours": True, "theirs": False}
     assert nn.modes(nn.train_mode(mixed)) == {"ours": True, "theirs": False}
-    with pytest.raises(ValueError, match=r"cannot pin .*Dropout at 'theirs'"):
-        nn.eval_mode(mixed, pin=True)
+    assert nn.pinned(nn.eval_mode(mixed, pin=True)) == {"ours": True, "theirs": True}
 
 
 def test_unpin_on_foreign_layers_is_a_no_op(eqx_user):
@@ -336,9 +348,11 @@ def test_user_module_with_inference_field(key):
     leaf_gate = LeafGate()
     assert nn.modes(leaf_gate) == {"": False}
     assert jnp.array_equal(nn.eval_mode(leaf_gate)(x), x)
-    # Without a `pinned` field, pin=True is refused clearly.
-    with pytest.raises(ValueError, match=r"cannot pin .*Gate at ''"):
-        nn.eval_mode(gate, pin=True)
+    # Pins work on any mode-bearing module, a static `inference` field included.
+    pinned = nn.eval_mode(gate, pin=True)
+    assert nn.pinned(pinned) == {"": True}
+    assert jnp.array_equal(nn.train_mode(pinned)(x), x)
+    assert nn.pinned(nn.eval_mode(leaf_gate, pin=True)) == {"": True}
 
 
 def test_nested_mode_bearing_modules():

@@ -18,6 +18,7 @@ from conftest import NET_BUFFERS, NET_PARAMS, Net, paths_with
 import treenn
 from treenn import nn
 from treenn._selectors import glob_regex, select
+from treenn._status import is_array_leaf
 from treenn._tree import dotted, flatten
 
 # -- helpers --------------------------------------------------------------------------
@@ -34,7 +35,8 @@ def trainable_paths(model):
 def covered(where, model):
     """The dotted array paths of `model` a selector covers."""
     selection = select(where, model)
-    paths = [dotted(p) for p in flatten(model)[0]]
+    found, leaves, _ = flatten(model)
+    paths = [dotted(p) for p, x in zip(found, leaves) if is_array_leaf(x)]
     if selection is None:
         return set(paths)
     return {p for p in paths if selection.covers(p)}

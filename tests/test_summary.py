@@ -268,6 +268,6 @@ def test_equinox_layers_inside_user_module(eqx_user: Any, key: jax.Array) -> Non
 def test_summary_of_frozen_model_is_unchanged_by_jit(net: Net) -> None:
     """Statuses live in the model, so a model returned from jit shows the same table."""
     model = treenn.freeze(net, "head")
-    out = jax.jit(lambda m: m)(model)
+    out = treenn.jit(lambda m: m)(model)
     assert treenn.summary(out) == treenn.summary(model)
     assert np.array_equal(np.asarray(out.head.weight), np.asarray(model.head.weight))
