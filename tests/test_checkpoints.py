@@ -304,7 +304,9 @@ def test_equinox_dropout_mode_round_trips(tmp_path: Path, eqx_user: Any, key: ja
     assert_identical(loaded, model)
 
 
-def test_treenn_dropout_file_into_equinox_dropout_names_its_p(tmp_path: Path, key: jax.Array) -> None:
+def test_treenn_dropout_file_into_equinox_dropout_names_its_p(
+    tmp_path: Path, key: jax.Array
+) -> None:
     """Equinox's Dropout holds `p` as a float leaf, treenn's as a static field: the
     file of one does not fit the other, and the error says which leaf differs."""
 
@@ -607,3 +609,291 @@ def test_corrupt_treenn_metadata_is_a_checkpoint_error(tmp_path: Path, net: Net,
     write_raw(path, header, body)
     with pytest.raises(CheckpointError, match=r"corrupt"):
         treenn.load(path, net)
+
+
+# -- issue 15: Python scalars -----------------------------------------------------------------
+
+
+def test_python_scalars_round_trip_exactly(tmp_path: Path, net: Net) -> None:
+    nan = struct.unpack("<d", struct.pack("<Q", 0xFFF8_0000_0000_1234))[0]  # payload, sign
+    state = {
+        "model": net, "step": 1234, "best_loss": 0.05, "done": True,
+        "big": -(2**70), "neg_zero": -0.0, "nan": nan, "inf": float("inf"),
+    }  # fmt: skip
+    like = {
+        "model": Net(key=jax.random.key(5)), "step": 0, "best_loss": float("inf"),
+        "done": False, "big": 0, "neg_zero": 0.0, "nan": 0.0, "inf": 0.0,
+    }  # fmt: skip
+    treenn.save(tmp_path / "s.safetensors", state)
+    loaded = treenn.load(tmp_path / "s.safetensors", like)
+    for name in ("step", "best_loss", "done", "big", "inf"):
+        assert type(loaded[name]) is type(state[name]) and loaded[name] == state[name], name
+    for name in ("neg_zero", "nan"):
+        assert struct.pack("<d", loaded[name]) == struct.pack("<d", state[name]), name
+    assert_identical(loaded["model"], net)
+
+
+def test_python_scalar_of_another_type_or_path_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "s.safetensors"
+    treenn.save(path, {"step": 3, "lr": 0.1})
+    with pytest.raises(CheckpointError, match=r"'step': file int 3, model float"):
+        treenn.load(path, {"step": 0.0, "lr": 0.1})
+    with pytest.raises(CheckpointError, match=r"missing from the file: 'epoch'"):
+        treenn.load(path, {"step": 0, "lr": 0.1, "epoch": 0})
+    with pytest.raises(CheckpointError, match=r"not in the model: 'lr'"):
+        treenn.load(path, {"step": 0})
+
+
+# -- issue 15: permissions, symlinks ----------------------------------------------------------
+
+
+def test_new_file_gets_umask_mode_and_overwrite_keeps_mode(tmp_path: Path, net: Net) -> None:
+    old = os.umask(0o027)
+    try:
+        treenn.save(tmp_path / "new.safetensors", net)
+        np.save(tmp_path / "ref.npy", np.zeros(2))
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "new.safetensors") == 0o640 == mode(tmp_path / "ref.npy")
+    path = tmp_path / "shared.safetensors"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o644)
+    treenn.save(path, net)
+    assert mode(path) == 0o644
+    os.chmod(path, 0o600)
+    treenn.save(path, net)
+    assert mode(path) == 0o600
+
+
+def test_save_through_a_symlink_replaces_the_target(tmp_path: Path, net: Net) -> None:
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "epoch3.safetensors"
+    treenn.save(target, net)
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target)
+    frozen = treenn.freeze(net)
+    treenn.save(link, frozen)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert_identical(treenn.load(target, net), frozen)  # the target is the new file
+    assert sorted(os.listdir(tmp_path / "runs")) == ["epoch3.safetensors"]
+
+
+# -- issue 15: streaming ----------------------------------------------------------------------
+
+
+class Many(eqx.Module):
+    arrays: list[Any]
+
+
+def test_save_and_load_stream_one_array_at_a_time(tmp_path: Path) -> None:
+    """Peak extra host memory (NumPy and Python allocations) stays within the largest
+    array: the old `save` built a second copy of every array (8 MiB here)."""
+    import tracemalloc
+
+    mib = 2**20
+    model = Many([jnp.full((mib // 4,), i, jnp.float32) for i in range(8)])
+    model = Many([*model.arrays, np.arange(mib // 8, dtype=np.float64)])  # NumPy leaves too
+    path = tmp_path / "big.safetensors"
+    treenn.save(path, model)  # warm up (imports, caches)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        treenn.save(path, model)
+        save_peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert save_peak < mib + mib // 4, save_peak
+    assert treenn.load(path, model).arrays[5][0] == 5
+
+
+# -- issue 15: abstract models ----------------------------------------------------------------
+
+
+def test_load_and_load_pretrained_fill_an_abstract_model(tmp_path: Path, net: Net) -> None:
+    model = nn.eval_mode(treenn.freeze(net, "backbone.**"), nn.BatchNorm, pin=True)
+    state = {"model": model, "rng": jax.random.key(3, impl="rbg"), "step": 7}
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, state)
+    make = lambda: {
+        "model": Net(key=jax.random.key(0)),
+        "rng": jax.random.key(0, impl="rbg"),
+        "step": 0,
+    }  # noqa: E501, E731
+    loaded = treenn.load(path, jax.eval_shape(make))
+    assert_identical(loaded["model"], model)
+    assert leaf_bytes(loaded["rng"]) == leaf_bytes(state["rng"])
+    assert loaded["step"] == 7 and type(loaded["step"]) is int
+
+    treenn.save(path, model)
+    abstract = jax.eval_shape(lambda: Net(key=jax.random.key(0)))
+    pretrained, report = treenn.load_pretrained(path, abstract)
+    assert report.missing == [] and report.skipped == []
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(pretrained))
+    # Arrays from the file, statuses and modes from the model: an abstract model's
+    # modes come back in training mode (jax.eval_shape loses the bools)...
+    assert treenn.statuses(pretrained) == treenn.statuses(net)
+    assert nn.modes(pretrained) == {"backbone.layers.1": False, "backbone.layers.3": False}
+    x = jnp.ones((1, 5, 5, 3))
+    np.testing.assert_array_equal(
+        np.asarray(nn.eval_mode(pretrained)(x)), np.asarray(nn.eval_mode(model)(x))
+    )
+    # ...and a pinned mode it lost is an error, not a silent training-mode pin.
+    pinned = jax.eval_shape(lambda: nn.eval_mode(Net(key=jax.random.key(0)), pin=True))
+    with pytest.raises(CheckpointError, match=r"pins 'backbone\.layers\.1'.*lost"):
+        treenn.load_pretrained(path, pinned)
+
+
+def test_abstract_model_not_filled_entirely_is_an_error(tmp_path: Path, key: jax.Array) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, linears(key, 2))
+    abstract = jax.eval_shape(lambda: linears(key, 3))
+    with pytest.raises(CheckpointError, match=r"abstract.*does not fill 2.*'layers\.2\.weight'"):
+        treenn.load_pretrained(path, abstract)
+    with pytest.raises(CheckpointError, match=r"missing from the file.*'layers\.2\.weight'"):
+        treenn.load(path, abstract)
+
+
+# -- issue 15: PRNG keys ----------------------------------------------------------------------
+
+
+def test_prng_key_leaves_in_summary_and_load_pretrained(tmp_path: Path, key: jax.Array) -> None:
+    model = Rich(key=key)
+    table = treenn.summary(model)
+    assert re.search(r"^rng\s.*key<fry>", table, re.M), table
+    path = tmp_path / "k.safetensors"
+    treenn.save(path, model)
+    loaded, report = treenn.load_pretrained(path, Rich(key=jax.random.key(99)))
+    assert "rng" in report.loaded and "rbg" in report.loaded
+    assert str(jax.random.key_impl(loaded.rbg)) == "rbg"
+    assert leaf_bytes(loaded.rng) == leaf_bytes(model.rng)
+
+
+# -- issue 15: damaged metadata and headers ---------------------------------------------------
+
+
+def _damage_meta(path: Path, edit: Any) -> None:
+    """Edit the treenn metadata as a hand (not a bit flip) would, checksum fixed up."""
+    import zlib
+
+    header, body = read_header(path)
+    meta = json.loads(header["__metadata__"]["treenn"])
+    edit(meta)
+    text = json.dumps(meta)
+    header["__metadata__"]["treenn"] = text
+    header["__metadata__"]["treenn_crc32"] = f"{zlib.crc32(text.encode()):08x}"
+    write_raw(path, header, body)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["frozen"].__setitem__(0, "head.weighx"), r"frozen 'head\.weighx'"),
+        (lambda m: m["buffers"].append("head.bias"), r"buffer 'head\.bias'"),
+        (lambda m: m["keys"].__setitem__("nothing", "rbg"), r"key 'nothing'"),
+        (lambda m: m["modes"].__setitem__("head", m["modes"]["backbone.layers.1"]), r"'head'"),
+        (lambda m: m["modes"].pop("backbone.layers.3"), r"'backbone\.layers\.3'"),
+    ],
+    ids=["frozen", "buffers", "keys", "modes-extra", "modes-lacking"],
+)
+def test_metadata_names_that_match_nothing_are_errors(
+    tmp_path: Path, net: Net, edit: Any, message: str
+) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, treenn.freeze(net, "head"))
+    _damage_meta(path, edit)
+    with pytest.raises(CheckpointError, match=message) as err:
+        treenn.load(path, net)
+    assert str(path) in str(err.value)
+
+
+def _entry_edit(name: str, field: str, value: Any) -> Any:
+    def edit(header: dict[str, Any]) -> None:
+        header[name][field] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _entry_edit("head.weight", "shape", [-3, -4]),
+        _entry_edit("head.weight", "shape", [True, 12]),
+        _entry_edit("head.weight", "shape", [2**62, 2**62]),
+        _entry_edit("head.weight", "data_offsets", [-48, 0]),
+        _entry_edit("head.weight", "data_offsets", "0-48"),
+        _entry_edit("head.bias", "dtype", "U32"),  # same size, other dtype
+        lambda h: h.__setitem__("__metadata__", ["not", "a", "dict"]),
+        lambda h: h["__metadata__"].__setitem__("treenn", json.dumps({"frozen": [[[[0]]]]})),
+        lambda h: h["__metadata__"].__setitem__("format", "treenn-9"),
+        lambda h: h["__metadata__"].pop("treenn"),
+        lambda h: h["__metadata__"].__setitem__("treenn_crc32", "00000000"),
+    ],
+    ids=[
+        "negative-shape",
+        "bool-in-shape",
+        "huge-shape",
+        "negative-offset",
+        "offsets-string",
+        "dtype-of-same-size",
+        "metadata-list",
+        "metadata-without-crc",
+        "unknown-format",
+        "format-without-metadata",
+        "bad-crc",
+    ],  # fmt: skip
+)
+def test_corrupt_header_fields_are_checkpoint_errors(tmp_path: Path, net: Net, edit: Any) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, net)
+    header, body = read_header(path)
+    edit(header)
+    write_raw(path, header, body)
+    with pytest.raises(CheckpointError) as err:
+        treenn.load(path, net)
+    assert str(path) in str(err.value)
+
+
+def test_deeply_nested_header_is_a_checkpoint_error(tmp_path: Path, net: Net) -> None:
+    path = tmp_path / "m.safetensors"
+    head = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(struct.pack("<Q", len(head)) + head)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        treenn.load(path, net)
+
+
+def test_float_array_marked_as_prng_key_is_a_checkpoint_error(tmp_path: Path, net: Net) -> None:
+    path = tmp_path / "m.safetensors"
+    treenn.save(path, net)
+    _damage_meta(path, lambda m: m["keys"].__setitem__("head.weight", "threefry2x32"))
+    with pytest.raises(CheckpointError, match=r"'head\.weight': file key<threefry2x32>"):
+        treenn.load(path, net)
+
+
+def test_fuzzed_headers_are_checkpoint_errors_naming_the_file(
+    tmp_path: Path, key: jax.Array
+) -> None:
+    """Bit flips anywhere in the size field and header, and cuts at any length: each
+    is a CheckpointError naming the file (a seeded sample; the full sweep of every
+    bit of this header, 13,184 flips, gave the same)."""
+    model = {"model": special(Rich(key=key)), "step": 12, "loss": 0.5, "done": False}
+    like = {"model": Rich(key=jax.random.key(1)), "step": 0, "loss": 0.0, "done": True}
+    good = tmp_path / "good.safetensors"
+    treenn.save(good, model)
+    data = good.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    rng = np.random.default_rng(0)
+    bad = tmp_path / "bad.safetensors"
+    flips = rng.choice(8 * (8 + size), 400, replace=False)
+    cuts = rng.choice(len(data), 100, replace=False)
+    outcomes = []
+    for bit in flips:
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        outcomes.append(bytes(damaged))
+    outcomes += [data[:cut] for cut in cuts]
+    for damaged in outcomes:
+        bad.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match=re.escape(str(bad))):
+            treenn.load(bad, like)

