@@ -4,9 +4,17 @@ identity fast path never returns stale results."""
 from __future__ import annotations
 
 import collections
+import gc
 import inspect
 import re
+import subprocess
+import sys
+import threading
+import time
 import warnings
+import weakref
+from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -123,17 +131,6 @@ def test_output_structure_depending_on_shape_with_a_prng_key_argument(key):
     for n in (2, 3, 2):
         out = f(jnp.zeros((n, 2)), jax.random.fold_in(key, n))
         assert type(out) is tuple and len(out) == n
-
-
-def test_retrace_with_the_same_tuple_output_keeps_the_fast_path(key):
-    # A second trace of one entry (here: a new shape) builds new structure objects;
-    # equal structures must still count as the same output.
-    f = treenn.jit(lambda x, y: (x * y, x + y))
-    for n in (2, 3):
-        out = f(jnp.ones(n), jnp.ones(n))
-        np.testing.assert_allclose(out[1], 2.0)
-    (entry,) = f._entries.values()
-    assert entry.by_shape is None
 
 
 def test_outputs_hold_models_and_objects(net, x, lin):
@@ -442,7 +439,7 @@ def test_training_loop_with_state(key):
         return treenn.apply_updates(model, updates), loss
 
     jitted = treenn.jit(step, donate="all-except-first")
-    reference = jax.jit(step)  # the model's leaves are all arrays: plain jax.jit works
+    reference = eqx.filter_jit(step)  # `inference` is a Python bool leaf: static
     m_eager, m_jit = model, model
     for _ in range(3):
         m_eager, l_eager = reference(m_eager, xs, ys)
@@ -527,3 +524,249 @@ def test_lower_traces_without_running_and_compiles(lin, x):
     frozen = treenn.freeze(lin)
     assert "dot" in f.lower(frozen, x).as_text()  # another structure: its own trace
     np.testing.assert_allclose(f(frozen, x), lin(x) * 2, rtol=1e-6)
+
+
+# -- issue 14: memory, weak types, threads, methods, binding, donation, depth, typing ------
+
+
+def test_no_reference_to_inputs_or_outputs_after_the_call(key, x):
+    """Nothing outlives a call but the compiled code: a training loop's models (passed
+    in, returned, passed back) are freed as soon as the user drops them."""
+
+    def step(model, x):
+        grads = treenn.grad(lambda m, x: jnp.sum(m(x) ** 2))(model, x)
+        return treenn.apply_updates(model, jax.tree.map(lambda g: -0.1 * g, grads)), (x, 1)
+
+    jitted = treenn.jit(step)
+    model = nn.Sequential(nn.Linear(3, 4, key=key), nn.Linear(4, 2, key=jax.random.fold_in(key, 1)))
+    refs = [weakref.ref(a) for a in jax.tree.leaves(model)]
+    for _ in range(3):
+        model, aux = jitted(model, x)
+        refs += [weakref.ref(a) for a in jax.tree.leaves(model)]
+    refs.append(weakref.ref(model))
+    del model, aux
+    gc.collect()
+    assert [r for r in refs if r() is not None and r() is not x] == []
+
+
+def test_weak_types_are_part_of_the_key():
+    # As `jax.jit`: a weakly typed argument (a Python scalar turned array) is its own trace.
+    cast = treenn.jit(lambda x: x.astype(jnp.float32))
+    probe = treenn.jit(lambda x: (x.weak_type, x))
+    strong, weak = jnp.asarray(2.0, jnp.float32), jnp.asarray(2.0)
+    assert not strong.weak_type and weak.weak_type
+    for x in (strong, weak, strong, weak, strong):
+        assert float(cast(x)) == 2.0
+        is_weak, same = probe(x)
+        assert is_weak is x.weak_type and same.weak_type is jax.jit(lambda x: x)(x).weak_type
+
+
+def test_thread_safe_when_the_output_structure_depends_on_the_shape():
+    f = treenn.jit(lambda x: tuple(x[i] for i in range(x.shape[0])))
+    errors: list[str] = []
+    stop = time.monotonic() + 2.0
+
+    def worker(n):
+        x = jnp.arange(float(n))
+        try:
+            while time.monotonic() < stop and not errors:
+                out = f(x)
+                if len(out) != n or float(out[-1]) != n - 1:
+                    errors.append(f"shape ({n},) got {len(out)} elements")
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(repr(err))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: races show up quickly
+    try:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in (5, 3, 4, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+
+
+class _Scaled(eqx.Module):
+    lin: nn.Linear
+    scale: float = 2.0
+
+    @treenn.jit
+    def __call__(self, x):
+        return self.lin(x) * self.scale
+
+    @treenn.jit(donate="all-except-first")
+    def shifted(self, x, shift):
+        return self.lin(x) + shift
+
+
+def test_decorated_methods_bind_self(lin, x):
+    net = _Scaled(lin)
+    np.testing.assert_allclose(net(x), lin(x) * 2.0, rtol=1e-6)
+    other = _Scaled(_bump(lin), scale=3.0)  # arrays traced, the float static
+    np.testing.assert_allclose(other(x), _bump(lin)(x) * 3.0, rtol=1e-6)
+    shift = jnp.ones((4, 2))
+    np.testing.assert_allclose(net.shifted(x, shift), lin(x) + 1.0, rtol=1e-6)
+    assert shift.is_deleted() and not lin.weight.is_deleted()  # self is the kept first
+    assert _Scaled.__call__(net, x).shape == (4, 2)  # unbound access: an ordinary function
+
+
+def test_positional_and_keyword_calls_trace_once(x):
+    log = []
+
+    def f(a, b, *, scale=1.0):
+        log.append(1)
+        return (a + b) * scale
+
+    g = treenn.jit(f)
+    for call in (
+        lambda: g(x, x),
+        lambda: g(x, b=x),
+        lambda: g(a=x, b=x),
+        lambda: g(b=x, a=x),
+    ):
+        np.testing.assert_allclose(call(), 2 * x)
+    assert len(log) == 1
+    np.testing.assert_allclose(g(x, x, scale=3.0), 6 * x)
+    assert len(log) == 2
+    with pytest.raises(TypeError, match=r"treenn.jit\(.*f\).*'c'"):
+        g(x, x, c=x)
+
+
+def test_donating_an_array_used_elsewhere_in_the_call_raises(x):
+    a = jnp.ones(3)
+    f = treenn.jit(lambda m, y: (m, y * 2), donate="all-except-first")
+    with pytest.raises(ValueError, match=r"args\[0\] and as args\[1\].*donated"):
+        f(a, a)
+    with pytest.raises(ValueError, match=r"args\[0\]\[1\]\['w'\] and as args\[1\]"):
+        f((x, {"w": a}), y=a)
+    assert not a.is_deleted()
+    both = treenn.jit(lambda t: t[0] + t[1], donate="all")
+    with pytest.raises(ValueError, match=r"args\[0\]\[0\] and as args\[0\]\[1\]"):
+        both((a, a))
+    assert not a.is_deleted()
+    m, y = f(a, jnp.ones(3))  # distinct arrays: fine, the kept one passed through
+    assert m is a and float(y[0]) == 2.0
+    # Under an outer transform nothing is donated: the same tracer twice is fine.
+    np.testing.assert_allclose(jax.jit(lambda a: both((a, a)))(a), np.full(3, 2.0))
+
+
+class _Wrap(eqx.Module):
+    inner: Any
+
+
+def test_deeply_nested_models():
+    tree = jnp.ones(2)
+    for _ in range(500):
+        tree = _Wrap(tree)
+    out = treenn.jit(lambda t, s: jax.tree.map(lambda a: a + s, t))(tree, jnp.float32(1.0))
+    depth = 0
+    while isinstance(out, _Wrap):
+        out, depth = out.inner, depth + 1
+    assert depth == 500
+    np.testing.assert_array_equal(out, np.full(2, 2.0))
+
+
+class _Gate(eqx.Module):
+    w: jax.Array
+    inference: bool  # an ordinary field holding a Python bool, as Equinox's layers
+
+
+def test_python_bool_leaves_are_static_and_a_change_retraces(x):
+    log = []
+    f = treenn.jit(traced(lambda m, x: x * m.w if m.inference else x + m.w, log))
+    train, infer = _Gate(jnp.float32(2.0), False), _Gate(jnp.float32(2.0), True)
+    np.testing.assert_allclose(f(train, x), x + 2.0)
+    np.testing.assert_allclose(f(infer, x), x * 2.0)
+    np.testing.assert_allclose(f(train, x), x + 2.0)
+    np.testing.assert_allclose(f(_Gate(jnp.float32(3.0), True), x), x * 3.0)
+    assert len(log) == 2  # one trace per mode; new weights reuse it
+
+
+def test_static_leaves_are_compared_by_type_as_well():
+    # `1 == 1.0 == True`, yet each is its own trace (as `jax.jit`'s static arguments).
+    f = treenn.jit(lambda x, n: (x, type(n).__name__))
+    x = jnp.ones(2)
+    assert [f(x, n)[1] for n in (1, True, 1.0, 1)] == ["int", "bool", "float", "int"]
+
+
+def test_clear_caches_drops_compiled_functions(x):
+    log = []
+    f = treenn.jit(traced(lambda x: x * 2, log))
+    f(x)
+    f(x)
+    assert len(log) == 1
+    treenn.clear_caches()
+    np.testing.assert_allclose(f(x), x * 2)
+    assert len(log) == 2
+
+
+def test_trace_cache_is_bounded(monkeypatch, x):
+    monkeypatch.setattr(treenn._jit, "_MAX_TRACES", 3)
+    f = treenn.jit(lambda x, n: x * n)
+    for n in range(1, 8):
+        np.testing.assert_allclose(f(x, n), x * n)
+    assert len(f._cache) == 3
+    np.testing.assert_allclose(f(x, 1), x)  # evicted: traced again, still right
+
+
+def test_unhashable_static_leaf_error_names_its_path(x):
+    with pytest.raises(TypeError, match=r"unhashable set at args\[1\]\['names'\]"):
+        treenn.jit(lambda x, d: x)(x, {"names": {"a"}})
+
+
+TYPED = '''
+import jax
+import jax.numpy as jnp
+import treenn
+
+
+@treenn.jit
+def f(x: jax.Array, n: int, *, scale: float = 1.0) -> tuple[jax.Array, str]:
+    return x * n * scale, "ok"
+
+
+class Net(treenn.Module):
+    w: jax.Array
+
+    @treenn.jit(donate="all-except-first")
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w * x
+
+
+y, s = f(jnp.ones(2), 3, scale=2.0)
+reveal_type(y)
+reveal_type(s)
+reveal_type(Net(jnp.ones(2))(jnp.ones(2)))
+f(jnp.ones(2), "three")
+f(jnp.ones(2), 3, scal=2.0)
+Net(jnp.ones(2))(jnp.ones(2), 1)
+'''
+
+
+@pytest.mark.slow
+def test_jit_preserves_the_signature_for_mypy(tmp_path):
+    snippet = tmp_path / "typed.py"
+    snippet.write_text(TYPED)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(root / "typecheck.ini")]
+        + ["--follow-imports=silent", "--no-error-summary", str(snippet)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
+    lines = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if ": " in line]
+    assert lines[:3] == [
+        'note: Revealed type is "jax._src.basearray.Array"',
+        'note: Revealed type is "builtins.str"',
+        'note: Revealed type is "jax._src.basearray.Array"',
+    ], result.stdout
+    errors = [line for line in lines if line.startswith("error")]
+    assert len(errors) == 3, result.stdout
+    assert 'incompatible type "str"; expected "int"' in errors[0]
+    assert 'Unexpected keyword argument "scal"' in errors[1]
+    assert "Too many arguments" in errors[2]

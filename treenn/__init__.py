@@ -3,6 +3,7 @@
 from importlib import metadata as _metadata
 
 from . import models as models, nn as nn
+from ._caches import clear_caches as clear_caches
 from ._checkpoints import (
     CheckpointError as CheckpointError,
     LoadReport as LoadReport,
