@@ -394,3 +394,22 @@ def _fill(layer, w, b, a, bb):
         lora_A=jnp.asarray(a),
         lora_B=jnp.asarray(bb),
     )
+
+
+@pytest.mark.slow
+def test_example_quick(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "lora.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "identical predictions: True" in out.stdout
+    assert "LoRA + layer decay" in out.stdout and "linear probe" in out.stdout
+    assert (tmp_path / "lora-trainable.eqx").stat().st_size < (tmp_path / "full.eqx").stat().st_size

@@ -514,4 +514,15 @@ def load_trainable(path: str | os.PathLike[str], model: T) -> T:
 
     check_model(model, "treenn.load_trainable")
     params, rest = partition(model)
-    return combine(load(path, params), rest)
+    loaded = load(path, params)
+    # Keep only the trainable arrays: `load` may fill a non-array leaf that `params`
+    # leaves out (a mode flag), which `rest` holds already.
+    wanted, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_none)
+    got, got_def = jax.tree_util.tree_flatten(loaded, is_leaf=_is_none)
+    if got_def == treedef:
+        loaded = treedef.unflatten([g if w is not None else None for w, g in zip(wanted, got)])
+    return combine(loaded, rest)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
