@@ -3,9 +3,11 @@
 `treenn.train_step` runs the model's unpinned mode-bearing modules in training mode and
 `treenn.eval_step` runs them in evaluation mode, so forgetting `model.eval()` cannot
 happen on this path (PyTorch Lightning does the same). Pins are respected: a BatchNorm
-pinned in eval stays in eval inside a training step. The switch happens while the step
-is traced, so it costs nothing per call, and the model comes back with the modes it went
-in with: only its arrays (parameters and buffers) change.
+pinned in eval stays in eval inside a training step. A switch never overrides a mode
+silently: when the unpinned modules are in mixed modes (an unpinned `nn.eval_mode` of
+a backbone), the step raises, naming them (see `_modes.for_step`). The switch happens
+while the step is traced, so it costs nothing per call, and the model comes back with
+the modes it went in with: only its arrays (parameters and buffers) change.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ._state import run
 from ._status import is_array, is_mark
 from ._transforms import apply_updates, trainable, value_and_grad
 from ._tree import dotted, flatten, leaves, unflatten
-from .nn._modes import eval_mode, train_mode
+from ._modes import for_step
 
 
 def _arrays_into(model: Any, updated: Any) -> Any:
@@ -53,7 +55,9 @@ def train_step(
 
     **Returns:** `step(model, opt_state, *args, **kwargs) -> (model, opt_state, loss)`, or
     `(model, opt_state, (loss, aux))`. Inside the step every unpinned mode-bearing module
-    is in training mode; the returned model has the modes the input had.
+    is in training mode; the returned model has the modes the input had. Unpinned
+    modules in mixed modes are an error naming them: pin the ones that keep their mode
+    (`nn.eval_mode(model, where, pin=True)`) or switch them first (`nn.train_mode`).
 
     !!! Example
 
@@ -74,7 +78,8 @@ def train_step(
 
     def step(model: Any, opt_state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         _check_opt_state(tx, opt_state, model)  # at trace time only
-        (loss, (aux, updated)), grads = grad_fn(train_mode(model), *args, **kwargs)
+        running = for_step(model, False, "treenn.train_step")
+        (loss, (aux, updated)), grads = grad_fn(running, *args, **kwargs)
         updates, opt_state = tx.update(grads, opt_state, trainable(updated))
         updated = apply_updates(updated, updates)
         return _arrays_into(model, updated), opt_state, ((loss, aux) if has_aux else loss)
@@ -106,6 +111,7 @@ def eval_step(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     **Returns:** `step(model, *args, **kwargs) -> fn(nn.eval_mode(model), ...)`; pinned
     modules keep their mode (a dropout pinned in training mode still samples: MC dropout).
+    Unpinned modules in mixed modes are an error naming them, as in `train_step`.
 
     !!! Example
 
@@ -116,6 +122,6 @@ def eval_step(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     def step(model: Any, *args: Any, **kwargs: Any) -> Any:
-        return fn(eval_mode(model), *args, **kwargs)
+        return fn(for_step(model, True, "treenn.eval_step"), *args, **kwargs)
 
     return jit(step)
