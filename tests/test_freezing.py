@@ -426,3 +426,23 @@ def test_frozen_array_in_a_container_works_with_jnp_functions():
     grads = jax.grad(lambda m: jnp.sum(m(x)))(frozen)
     assert not bool(jnp.any(leaf(grads, "params.0") != 0.0))
     assert jnp.array_equal(leaf(grads, "params.1"), jnp.array([2.0, 2.0]))
+
+
+def test_unfreeze_with_unpin_is_gradual_unfreezing_in_one_call(net):
+    """Issue 13 (5): `unfreeze(m, s)` alone leaves the block's BatchNorm pinned in eval
+    (a recipe too: frozen statistics); `unpin=True` also removes the selection's pins."""
+    frozen = treenn.freeze_backbone(net, "head")
+    assert nn.pinned(frozen) == {"backbone.layers.1": True, "backbone.layers.3": True}
+    kept = treenn.unfreeze(frozen, "backbone.layers.1")
+    assert nn.pinned(kept)["backbone.layers.1"] is True
+    both = treenn.unfreeze(frozen, "backbone.layers.1", unpin=True)
+    assert nn.pinned(both) == {"backbone.layers.1": False, "backbone.layers.3": True}
+    assert treenn.trainable(both).backbone.layers[1].weight is not None
+    assert nn.modes(nn.train_mode(both))["backbone.layers.1"] is False
+    # Same as the two calls; a selection without mode-bearing modules is no error.
+    assert eqx.tree_equal(
+        both, nn.unpin(treenn.unfreeze(frozen, "backbone.layers.1"), "backbone.layers.1")
+    )
+    assert nn.pinned(treenn.unfreeze(frozen, "backbone.layers.0", unpin=True)) == nn.pinned(frozen)
+    with pytest.raises(ValueError, match="where='nothing' matches no"):
+        treenn.unfreeze(frozen, "nothing", unpin=True)

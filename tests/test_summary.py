@@ -271,3 +271,16 @@ def test_summary_of_frozen_model_is_unchanged_by_jit(net: Net) -> None:
     out = treenn.jit(lambda m: m)(model)
     assert treenn.summary(out) == treenn.summary(model)
     assert np.array_equal(np.asarray(out.head.weight), np.asarray(model.head.weight))
+
+
+def test_summary_shows_trainable_weights_under_pinned_eval_statistics(net: Net) -> None:
+    """Issue 13 (5): after `unfreeze` without `unpin=True`, a BatchNorm's weights train
+    while it stays pinned in eval; the summary says so in a note (and not otherwise)."""
+    frozen = treenn.freeze_backbone(net, "head")
+    assert "note:" not in treenn.summary(frozen)
+    kept = treenn.unfreeze(frozen, "backbone.layers.1")
+    text = treenn.summary(kept)
+    assert "note: 1 module(s) pinned in eval while their arrays train" in text
+    assert "'backbone.layers.1'" in text.split("note:")[1]
+    assert "unpin=True" in text
+    assert "note:" not in treenn.summary(treenn.unfreeze(frozen, "backbone.layers.1", unpin=True))
