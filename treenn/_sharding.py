@@ -16,9 +16,19 @@ import jax
 from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ._optimizers import placeholder_types
 from ._selectors import Selection, describe, few, select
 from ._status import is_array_leaf, marked_like, unmarked
-from ._tree import STOP_MODULE, check_model, dotted, flatten, is_module, no_gc, unflatten
+from ._tree import (
+    STOP_MODULE,
+    by_type,
+    check_model,
+    dotted,
+    flatten,
+    is_module,
+    no_gc,
+    unflatten,
+)
 
 T = TypeVar("T")
 Rules: TypeAlias = "PartitionSpec | Mapping[Any, Any] | None"
@@ -91,10 +101,12 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
         raise TypeError(f"shard: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     specs = _rule_specs(rules, mesh)
     resolved = [_Rule(where, spec, model) for where, spec in specs]
-    paths, leaves, treedef = flatten(model)
+    kinds = placeholder_types()
+    paths, leaves, treedef = flatten(model, by_type(lambda kind: issubclass(kind, kinds)))
     names = [dotted(p) for p in paths]
     arrays = [i for i, x in enumerate(leaves) if is_array_leaf(x)]
-    chosen = _match([names[i] for i in arrays], resolved, isinstance(rules, Mapping))
+    holes = [names[i] for i, x in enumerate(leaves) if isinstance(x, kinds)]
+    chosen = _match([names[i] for i in arrays], holes, resolved, model, isinstance(rules, Mapping))
     values = [unmarked(leaves[i]) for i in arrays]
     _check_fit(model, mesh, [names[i] for i in arrays], values, chosen)
     shardings = [NamedSharding(mesh, rule.spec) for rule in chosen]
@@ -181,10 +193,23 @@ def _first_rule(rules: list[_Rule], path: str) -> _Rule | None:
     return None
 
 
-def _match(names: list[str], rules: list[_Rule], explicit: bool) -> list[_Rule]:
+def _match(
+    names: list[str], holes: list[str], rules: list[_Rule], tree: Any, explicit: bool
+) -> list[_Rule]:
     """The rule placing each array (the first that selects it), checking that every array
-    is matched and, for explicit rule sets, that every rule places something."""
+    is matched and, for explicit rule sets, that every rule is used.
+
+    A rule is used when it is the first to select an array, or a *hole*: the place an
+    optimiser state keeps for a parameter without state (`None` where
+    `treenn.trainable` left a frozen array or a buffer, optax's `MaskedNode` for an array
+    of another `multi_transform` group). So the model's rules place its optimiser state
+    whatever the state holds for each parameter, while a rule that matches nothing in
+    the model (a typo) still fails. A state that mirrors no model (SGD's `EmptyState`s, a
+    hyperparameter alone) cannot tell, and is not checked: `shard(model, ...)` is.
+    """
     chosen = [_first_rule(rules, name) for name in names]
+    for hole in holes:
+        _first_rule(rules, hole)
     unmatched = [n for n, rule in zip(names, chosen) if rule is None]
     if unmatched:
         raise ValueError(
@@ -192,12 +217,16 @@ def _match(names: list[str], rules: list[_Rule], explicit: bool) -> list[_Rule]:
             f"{', '.join(r.name for r in rules)}. End the rules with a catch-all such as "
             '"**": P() to replicate the rest'
         )
-    for rule in rules if explicit else ():
-        if rule.used:
-            continue
-        selected = [n for n in names if rule.covers(n)]
+    unused = [rule for rule in rules if explicit and not rule.used]
+    if unused and _mirrors_no_model(tree):
+        unused = []
+    for rule in unused:
+        selected = [n for n in names + holes if rule.covers(n)]
         if not selected:
-            raise ValueError(f"shard: rule {rule.name} matches no array; arrays: {few(names)}")
+            raise ValueError(
+                f"shard: rule {rule.name} matches no array (nor the place of a frozen array or "
+                f"buffer in an optimiser state); arrays: {few(names)}"
+            )
         earlier = [r.name for r in rules if set(r.used) & set(selected)]
         raise ValueError(
             f"shard: rule {rule.name} is never used: every array it matches "
@@ -255,6 +284,22 @@ def _misfit(mesh: Mesh, name: str, shape: tuple[int, ...], rule: _Rule) -> str |
                 f"by the size of {over} ({size}) in rule {rule.name}: {spec}"
             )
     return None
+
+
+def _is_optax_type(kind: type) -> bool:
+    return kind.__module__.partition(".")[0] == "optax"
+
+
+_STOP_OPTAX = by_type(_is_optax_type)
+
+
+def _mirrors_no_model(tree: Any) -> bool:
+    """An optimiser state without a module inside: nothing in it says what the model's
+    rules should match (SGD's `EmptyState`s, `inject_hyperparams`' scalars)."""
+    if _holds_module(tree):
+        return False
+    _, leaves, _ = flatten(tree, _STOP_OPTAX)
+    return any(_is_optax_type(type(x)) for x in leaves)
 
 
 def _holds_module(tree: Any) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from ._jit import Donate, jit
-from ._optimizers import check_transform
+from ._optimizers import check_transform, update
 from ._selectors import few
 from ._state import run
 from ._status import is_array, is_mark
@@ -80,7 +80,9 @@ def train_step(
         _check_opt_state(tx, opt_state, model)  # at trace time only
         running = for_step(model, False, "treenn.train_step")
         (loss, (aux, updated)), grads = grad_fn(running, *args, **kwargs)
-        updates, opt_state = tx.update(grads, opt_state, trainable(updated))
+        # value=/grad=/value_fn= for transforms that take them (lbfgs, reduce_on_plateau)
+        loss_at = lambda m: collecting(m, *args, **kwargs)[0]  # noqa: E731
+        updates, opt_state = update(tx, grads, opt_state, updated, loss, loss_at)
         updated = apply_updates(updated, updates)
         return _arrays_into(model, updated), opt_state, ((loss, aux) if has_aux else loss)
 
