@@ -26,6 +26,7 @@ from conftest import NET_BUFFERS, NET_PARAMS, Net, optax_promotion, paths_with, 
 import treenn
 import treenn.nn as nn
 from treenn import models
+from treenn._status import is_array_leaf, unmarked
 from treenn._tree import dotted, flatten
 
 TOL = 1e-4
@@ -38,7 +39,7 @@ def close(got: Any, want: Any, tol: float = TOL) -> None:
 def arrays(model: Any) -> dict[str, np.ndarray]:
     """Dotted path -> value of every array in a treenn model (marks unwrapped)."""
     paths, leaves, _ = flatten(model)
-    return {dotted(p): np.asarray(x) for p, x in zip(paths, leaves)}
+    return {dotted(p): np.asarray(unmarked(x)) for p, x in zip(paths, leaves) if is_array_leaf(x)}
 
 
 def nhwc(x: torch.Tensor) -> jax.Array:
@@ -478,3 +479,67 @@ def test_numpy_and_jax_arrays_load_too(net):
     loaded = treenn.load_torch(net, state)
     for name, value in arrays(loaded).items():
         np.testing.assert_array_equal(value, np.asarray(state[name]))
+
+
+# -- issue 15 ------------------------------------------------------------------------------------
+
+
+def test_strict_rejects_a_weight_with_swapped_size_one_axes(key):
+    """An (8, 1) weight (Linear(1, 8)) into a (1, 8) one (Linear(8, 1)): inputs and
+    outputs swapped. PyTorch reports a size mismatch; so does load_torch."""
+    state = torch.nn.Linear(1, 8).state_dict()
+    with pytest.raises(
+        treenn.CheckpointError,
+        match=r"mis-shaped \(2\): 'weight': state dict float32\[8, 1\], model float32\[1, 8\]",
+    ):
+        treenn.load_torch(nn.Linear(8, 1, key=key), state)
+    # The known layout difference across size-1 axes is still bridged.
+    conv = torch.nn.Conv2d(3, 1, 1).state_dict()
+    layer = treenn.load_torch(eqx.nn.Conv2d(3, 1, 1, key=key), conv)
+    np.testing.assert_array_equal(np.asarray(layer.bias).reshape(1), conv["bias"].numpy())
+    # ...but only for a bias of the output size.
+    with pytest.raises(treenn.CheckpointError, match=r"'bias': state dict float32\[3\]"):
+        treenn.load_torch(eqx.nn.Conv2d(3, 1, 1, key=key), {**conv, "bias": torch.zeros(3)})
+
+
+def test_num_batches_tracked_of_a_batchnorm_the_model_lacks_is_unexpected(net):
+    extra = {f"extra.{k}": v for k, v in torch.nn.BatchNorm2d(4).state_dict().items()}
+    with pytest.raises(treenn.CheckpointError) as err:
+        treenn.load_torch(net, {**net_state(), **extra})
+    assert "unexpected, not in the model (5):" in str(err.value)
+    assert "'extra.num_batches_tracked'" in str(err.value)
+    # A lone counter (its statistics deleted) is unexpected too.
+    lone = {**net_state(), "backbone.layers.7.num_batches_tracked": torch.tensor(3)}
+    _, report = treenn.load_torch(net, lone, strict=False, report=True)
+    assert report.unexpected == ["backbone.layers.7.num_batches_tracked"]
+
+
+def test_resnet34_state_dict_into_resnet18_reports_its_batch_counters():
+    reference = ref.randomise(ref.resnet34(10))
+    model = resnets("resnet18")[1]
+    _, report = treenn.load_torch(model, reference.state_dict(), strict=False, report=True)
+    counters = [k for k in report.unexpected if k.endswith("num_batches_tracked")]
+    assert len(counters) == 16  # 8 extra blocks, 2 BatchNorms each
+    assert "layer1.2.bn1.num_batches_tracked" in counters
+
+
+def test_attention_in_float64_keeps_float64_like_torch(key):
+    """Torch's float64 attention agrees with a NumPy reference to ~1e-16; treenn's took
+    its softmax in float32 (1e-7 off)."""
+    torch_mha = ref.randomise(torch.nn.MultiheadAttention(8, 2, batch_first=True)).double().eval()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = torch.rand(5, 5, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask.fill_diagonal_(False)  # True = masked in torch: every row keeps a key
+    with torch.no_grad():
+        want, want_weights = torch_mha(x, x, x, attn_mask=mask)
+        want_plain, _ = torch_mha(x, x, x, need_weights=False)
+    with jax.enable_x64(True):
+        mha = nn.MultiheadAttention(8, 2, dtype=jnp.float64, key=key)
+        mha = nn.eval_mode(treenn.load_torch(mha, torch_mha.state_dict()))
+        xj = jnp.asarray(x.numpy())
+        got = mha(xj)  # the path without weights
+        got_masked, weights = mha(xj, attn_mask=jnp.asarray(mask.numpy()), need_weights=True)
+        assert got.dtype == jnp.float64 and weights.dtype == jnp.float64
+        close(got, want_plain.numpy(), tol=1e-12)
+        close(got_masked, want.numpy(), tol=1e-12)
+        close(weights, want_weights.numpy(), tol=1e-12)

@@ -97,7 +97,8 @@ def _attend(
     # (B|1, N|1, L, 1): does the row have at least one key to attend to?
     valid = None if full is None else jnp.any(full, axis=-1, keepdims=True)
 
-    if not _dropping(drop) and not need_weights:
+    if not _dropping(drop) and not need_weights and q.dtype != jnp.float64:
+        # (Not in float64: jax.nn.dot_product_attention takes its softmax in float32.)
         # jax.nn.dot_product_attention promotes half precision to float32 internally with
         # `jnp.promote_types`, which strict dtype promotion rejects; allow it there only.
         with jax.numpy_dtype_promotion("standard"):
@@ -116,7 +117,7 @@ def _attend(
     if full is not None:
         big = min(float(jnp.finfo(logits_dtype).max), float(jnp.finfo(jnp.float32).max))
         logits = jnp.where(full, logits, jnp.asarray(-0.7 * big, logits_dtype))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)  # in the logits' dtype: float32 or float64
     if valid is not None:
         probs = jnp.where(valid, probs, jnp.zeros((), probs.dtype))
     probs = drop(probs.astype(v.dtype), key=key)
