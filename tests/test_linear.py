@@ -13,7 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import BATCHES, check_uniform_init, close, linear_ref, names, np64, rand, to_torch
+from conftest import (
+    BATCHES,
+    check_uniform_init,
+    close,
+    linear_ref,
+    named,
+    names,
+    np64,
+    rand,
+    to_torch,
+)
 from jaxtyping import TypeCheckError
 
 import treenn
@@ -103,7 +113,7 @@ def test_mlp_names_shapes_and_init() -> None:
     pair = shapes(lambda: MLP(4, 8, drop=(0.1, 0.2), key=key))
     assert (pair.drop1.p, pair.drop2.p) == (0.1, 0.2)
     half = shapes(lambda: MLP(4, 8, dtype=jnp.bfloat16, key=key))
-    assert {x.dtype for x in jax.tree_util.tree_leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in named(half).values()} == {jnp.dtype(jnp.bfloat16)}
 
 
 @pytest.mark.parametrize("batch", [(), (2, 3)])

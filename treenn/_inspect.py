@@ -15,6 +15,8 @@ def _status(leaf: Any) -> str | None:
     if is_mark(leaf):
         return status_of(leaf).value
     if isinstance(leaf, jax.ShapeDtypeStruct):  # an abstract model (`jax.eval_shape`)
+        if leaf.shape == () and leaf.dtype == bool:
+            return None  # a Python bool (a mode) made abstract, not an array
         return (Status.TRAINABLE if is_inexact(leaf.dtype) else Status.STATIC).value
     return status_of(leaf).value if is_array_leaf(leaf) else None
 
@@ -37,7 +39,9 @@ def statuses(model: Any) -> dict[str, str]:
     - `"buffer"`: state that is never trained (BatchNorm's `running_mean`, `running_var`);
     - `"static"`: an integer or boolean array (a step counter, a mask): never trained.
 
-    Leaves that are not arrays (Python numbers, functions, modes) have no entry.
+    Leaves that are not arrays (Python numbers, functions, modes) have no entry. In an
+    abstract model, `jax.eval_shape` has turned Python bools (modes) into bool scalars:
+    those have no entry either.
 
     `treenn.summary` prints the same statuses as a table, with shapes and modes.
 
