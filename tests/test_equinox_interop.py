@@ -243,9 +243,7 @@ def test_keystr_simple_paths_gain_only_a_trailing_separator(net: Net) -> None:
 # -- filtered transforms on whole treenn models (plain jax.jit/grad: not promised) ---------------
 
 
-def test_filter_jit_with_batchnorm_and_dropout(
-    net: Net, images: jax.Array, key: jax.Array
-) -> None:
+def test_filter_jit_with_batchnorm_and_dropout(net: Net, images: jax.Array, key: jax.Array) -> None:
     @eqx.filter_jit
     def step(model: Net, x: jax.Array, k: jax.Array) -> tuple[jax.Array, Net]:
         return treenn.apply(model, x, key=k)

@@ -22,6 +22,7 @@ from ._tree import (
     by_type,
     check_model,
     dotted,
+    inert,
     is_mode_bearing,
     map_stopped,
     mode_bearing_type,
@@ -44,7 +45,7 @@ def mode_of(module: Any) -> tuple[bool, bool]:
 def with_mode(module: Any, inference: bool, pinned: bool) -> Any:
     """A mode-bearing module with the given mode and pin (`module` itself when it has
     them already)."""
-    value = state_of(module).get("inference")
+    value: Any = state_of(module).get("inference")
     has_pin = type(value) is Pinned
     current = value.value if has_pin else value
     if has_pin == pinned and current is inference:
@@ -255,6 +256,8 @@ class _Walk:
         def visit(_: Any, node: Any) -> Any:
             if not isinstance(node, classes):
                 return node
+            if inert(node):  # a leaf layer (Dropout): nothing inside to walk
+                return act(node) if is_mode_bearing(node) else node
             inner = map_stopped(node, STOP_MODE_BEARING, lambda _, m: act(m), paths=False)
             return act(inner) if is_mode_bearing(node) else inner
 

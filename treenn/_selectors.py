@@ -30,9 +30,7 @@ _FORBIDDEN = set("[]?{}()|\\^$+!,; \t\n")
 class Selection:
     """The set of dotted paths a `where=` selects."""
 
-    def __init__(
-        self, where: Any, covers: Callable[[str], bool], classes: Any = None
-    ) -> None:
+    def __init__(self, where: Any, covers: Callable[[str], bool], classes: Any = None) -> None:
         self.where = where
         self.covers = covers
         # For a class selector: the classes, so that walks can test instances (what
@@ -147,9 +145,7 @@ class _Probe:
 
 def _getter(where: Callable[[Any], Any], tree: Any) -> Selection:
     paths, leaves, treedef = flatten(tree)
-    probes = [
-        _Probe(i, unmarked(x)) if is_array_leaf(x) else x for i, x in enumerate(leaves)
-    ]
+    probes = [_Probe(i, unmarked(x)) if is_array_leaf(x) else x for i, x in enumerate(leaves)]
     probed = treedef.unflatten(probes)
     try:
         found = where(probed)

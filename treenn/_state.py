@@ -42,21 +42,22 @@ class _Context:
     model as usual, and the updates also reach the model the outermost call returns.
     """
 
+    # key -> (module, {field: new value}); the module is kept so that the id cannot be
+    # reused while the call runs.
+    updates: dict[int, tuple[Any, dict[str, Any]]]
+    # id(module a nested apply returned) -> (that module, key of its original)
+    aliases: dict[int, tuple[Any, int]]
+    # keys a nested apply wrote into the model it returned
+    delivered: set[int]
+
     def __init__(self, outer: _Context | None) -> None:
         self.trace = _trace_state()
         self.nested = outer is not None and outer.trace == self.trace
         if outer is not None and self.nested:
-            self.updates = outer.updates
-            self.aliases = outer.aliases
+            self.updates, self.aliases = outer.updates, outer.aliases
             self.delivered = outer.delivered
         else:
-            # key -> (module, {field: new value}); the module is kept so that the id
-            # cannot be reused while the call runs.
-            self.updates: dict[int, tuple[Any, dict[str, Any]]] = {}
-            # id(module a nested apply returned) -> (that module, key of its original)
-            self.aliases: dict[int, tuple[Any, int]] = {}
-            # keys a nested apply wrote into the model it returned
-            self.delivered: set[int] = set()
+            self.updates, self.aliases, self.delivered = {}, {}, set()
 
     def key(self, module: Any) -> int:
         """The key of `module`'s records: its own id, or its original's when it is a
@@ -193,7 +194,8 @@ def _write(model: Any, context: _Context) -> Any:
         context.delivered.update(written)
     else:
         lost = [
-            m for key, (m, _) in context.updates.items()
+            m
+            for key, (m, _) in context.updates.items()
             if key not in written and key not in context.delivered
         ]
         if lost:

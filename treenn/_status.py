@@ -75,7 +75,6 @@ class Mark:
         return f"{type(self).__name__}({self.value!r})"
 
 
-
 class Frozen(Mark):
     """Marks a frozen array: excluded from training, zero gradient everywhere."""
 
@@ -106,7 +105,9 @@ class Pinned(Mark):
     def __eq__(self, other: object) -> bool:
         return type(other) is Pinned and (
             other.value is self.value
-            or (type(self.value) is bool and type(other.value) is bool and other.value == self.value)
+            or (
+                type(self.value) is bool and type(other.value) is bool and other.value == self.value
+            )
         )
 
     def __hash__(self) -> int:

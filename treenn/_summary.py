@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._status import ARRAY_TYPES, Status, status_of, unmarked
 from ._modes import mode_of
 from ._selectors import few
+from ._status import ARRAY_TYPES, Status, status_of, unmarked
 from ._tree import check_model, dotted, is_mode_bearing, modules, no_gc
 
 _HEADER = ("path", "module", "shape", "dtype", "params", "status", "mode")

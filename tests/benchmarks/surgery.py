@@ -1,14 +1,15 @@
 """Tree-surgery cost: `nn.eval_mode` and `treenn.freeze` on 1,000 and 5,000 small blocks.
 
 Each block is a Linear(4, 4) + LayerNorm(4) + Dropout: 4 arrays, 4 modules, built from
-Equinox's layers so that `eqx.nn.inference_mode` runs on the very same model (it cannot
-switch treenn's layers, whose `inference` is a static field). Baselines measured in the
-same process, interleaved with the candidates in rotating rounds: `eqx.nn.inference_mode`,
-and a bare `jax.tree_util.tree_flatten` (the floor for anything that visits every node).
-The same model built from treenn's layers is timed too.
+Equinox's layers and from treenn's (`eqx.nn.inference_mode` runs on both: `inference` is
+a bool leaf on treenn's layers too). Baselines measured in the same process, interleaved
+with the candidates in rotating rounds: `eqx.nn.inference_mode`, and a bare
+`jax.tree_util.tree_flatten` (the floor for anything that visits every node). Selectors
+timed: `None`, a class (`Dropout`, `Linear`), a glob and a getter.
 
 Run: `python tests/benchmarks/surgery.py [--repeats 9] [--tiny]`. Targets: linear growth,
-<= 0.1x eqx.nn.inference_mode, <= 3x tree_flatten.
+<= 0.1x eqx.nn.inference_mode, <= 3x tree_flatten; a class selector <= 2x tree_flatten
+(what `where=None` costs).
 """
 
 from __future__ import annotations
@@ -61,24 +62,29 @@ def check_results(model: Stack, layers: str) -> None:
     """The timed calls do their job (a benchmark of a no-op would be meaningless)."""
     assert all(nn.modes(nn.eval_mode(model)).values())
     assert not jtu.tree_leaves(treenn.trainable(treenn.freeze(model)))
-    if layers == "eqx":
-        switched = eqx.nn.inference_mode(model)
-        assert all(b.dropout.inference for b in switched.blocks)
+    switched = eqx.nn.inference_mode(model)
+    assert all(b.dropout.inference for b in switched.blocks)
+    drop = eqx.nn.Dropout if layers == "eqx" else nn.Dropout
+    assert all(nn.modes(nn.eval_mode(model, drop)).values())
 
 
 def measure(n: int, layers: str, repeats: int) -> dict[str, float]:
     """Median milliseconds of each operation on an `n`-block model."""
     model = make(n, layers)
     check_results(model, layers)
+    drop = eqx.nn.Dropout if layers == "eqx" else nn.Dropout
+    linear = eqx.nn.Linear if layers == "eqx" else nn.Linear
     fns: dict[str, Callable[[], Any]] = {
         "flatten": lambda: jtu.tree_flatten(model),
         "eval_mode": lambda: nn.eval_mode(model),
         "freeze": lambda: treenn.freeze(model),
+        "eval_mode class": lambda: nn.eval_mode(model, drop),
+        "freeze class": lambda: treenn.freeze(model, linear),
         "eval_mode path": lambda: nn.eval_mode(model, "blocks.*.dropout"),
-        "freeze path": lambda: treenn.freeze(model, "**.weight"),
+        "freeze path": lambda: treenn.freeze(model, "**.bias"),
+        "eval_mode getter": lambda: nn.eval_mode(model, lambda m: [b.dropout for b in m.blocks]),
+        "eqx.inference_mode": lambda: eqx.nn.inference_mode(model),
     }
-    if layers == "eqx":
-        fns["eqx.inference_mode"] = lambda: eqx.nn.inference_mode(model)
     times = interleaved(fns, repeats)
     return {name: median(ts) * 1e3 for name, ts in times.items()}
 
@@ -95,6 +101,22 @@ def main(argv: list[str] | None = None) -> Verdicts:
         (n, layers): measure(n, layers, repeats) for n in sizes for layers in ("eqx", "treenn")
     }
     eqx_ms = {n: results[n, "eqx"]["eqx.inference_mode"] for n in sizes}
+    for (n, layers), r in results.items():
+        print(
+            f"{n:7d} {layers:>7}: eqx.inference_mode {r['eqx.inference_mode']:.1f} ms; "
+            + ", ".join(
+                f"{op} {r[op]:.2f} ms ({r[op] / r['flatten']:.2f}x flatten)"
+                for op in (
+                    "eval_mode",
+                    "eval_mode class",
+                    "eval_mode path",
+                    "eval_mode getter",
+                    "freeze",
+                    "freeze class",
+                    "freeze path",
+                )
+            )
+        )
     print(
         f"{'blocks':>7} {'layers':>7} {'flatten':>8} {'eqx.inference_mode':>19} "
         f"{'nn.eval_mode':>13} {'treenn.freeze':>14}  ratios vs eqx / vs flatten"
@@ -114,6 +136,15 @@ def main(argv: list[str] | None = None) -> Verdicts:
         )
     verdicts = Verdicts(smoke=args.tiny)
     small, large = sizes
+    for n in sizes:
+        for layers in ("eqx", "treenn"):
+            r = results[n, layers]
+            verdicts.check(
+                f"eval_mode with a class selector, {n} blocks of {layers} layers: "
+                "<= 2x tree_flatten",
+                r["eval_mode class"] / r["flatten"] <= 2,
+                f"{r['eval_mode class'] / r['flatten']:.2f}x",
+            )
     for op in ("eval_mode", "freeze"):
         for n in sizes:
             ratio = results[n, "eqx"][op] / eqx_ms[n]
