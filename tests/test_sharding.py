@@ -18,8 +18,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from conftest import NET_BUFFERS, NET_PARAMS, Net, statuses
+from conftest import NET_BUFFERS, NET_PARAMS, Net, optax_promotion, statuses
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import treenn
@@ -166,6 +167,107 @@ def test_bad_rules_and_mesh_types(net, mesh):
         treenn.shard(net, mesh, [("**", P())])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="mesh"):
         treenn.shard(net, "mesh", None)  # type: ignore[arg-type]
+
+
+# -- optimiser states take the model's rules ------------------------------------------------
+
+# A rule for the frozen BatchNorm alone, one for the conv weights, a catch-all.
+FROZEN_BN_RULES = {
+    nn.BatchNorm: P(),
+    "backbone.**.weight": P(None, None, None, "model"),
+    "**": P(),
+}
+
+
+def _state(tx: optax.GradientTransformation, model: object) -> object:
+    with optax_promotion():
+        return tx.init(treenn.trainable(model))
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        optax.sgd(0.1),
+        optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)),
+        optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+    ],
+    ids=["sgd", "chain", "inject_hyperparams"],
+)
+def test_a_state_without_per_parameter_arrays_takes_the_models_rules(net, mesh, tx):
+    """Regression: SGD's state has no arrays for the rules to match, and `shard` raised
+    "rule BatchNorm matches no array; arrays: " (an empty list)."""
+    model = treenn.freeze(net, nn.BatchNorm)
+    assert specs(treenn.shard(model, mesh, FROZEN_BN_RULES))  # the model's own check passes
+    placed = treenn.shard(_state(tx, model), mesh, FROZEN_BN_RULES)
+    assert set(specs(placed).values()) <= {P()}  # scalars (a learning rate), replicated
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [FROZEN_BN_RULES, {"backbone.layers.1.*": P(), "**": P()}, {"**.running_var": P(), "**": P()}],
+    ids=["class", "path-to-frozen-arrays", "buffers"],
+)
+def test_adam_state_of_a_model_with_frozen_batchnorm_takes_the_models_rules(net, mesh, rules):
+    """Regression: Adam keeps no moments for a frozen BatchNorm (nor for buffers), so a rule
+    for it matched no array of the state. It matches their places (`None` where
+    `treenn.trainable` leaves them), and the moments follow their parameters' rules."""
+    model = treenn.freeze(net, nn.BatchNorm)
+    placed_model = treenn.shard(model, mesh, rules)
+    placed = treenn.shard(_state(optax.adam(1e-3), model), mesh, rules)
+    got = specs(placed)
+    assert not any("layers.1" in path for path in got)  # no moments for the frozen BN
+    for path, spec in specs(placed_model).items():
+        if "layers.1" not in path:
+            assert got[f"0.mu.{path}"] == got[f"0.nu.{path}"] == spec, path
+    assert got["0.count"] == P()
+
+
+def test_getter_and_path_rules_apply_within_each_copy_of_the_model(net, mesh):
+    """A state holds the model behind a prefix (`0.mu.`): the model's path and getter
+    rules apply within each copy, as to the model."""
+    model = treenn.freeze(net, "backbone.layers.1")
+    rules = {
+        lambda m: m.backbone.layers[1]: P(),  # frozen: a place in the state, no array
+        lambda m: m.head.weight: P("model"),
+        "backbone.layers.0.weight": P(None, None, None, "model"),
+        "**": P(),
+    }
+    want = specs(treenn.shard(model, mesh, rules))
+    got = specs(treenn.shard(_state(optax.adam(1e-3), model), mesh, rules))
+    assert got["0.mu.head.weight"] == got["0.nu.head.weight"] == want["head.weight"] == P("model")
+    layer = "backbone.layers.0.weight"
+    assert got[f"0.mu.{layer}"] == want[layer] == P(None, None, None, "model")
+    pair = specs(treenn.shard((model, _state(optax.adam(1e-3), model)), mesh, rules))
+    assert pair["0.head.weight"] == pair["1.0.nu.head.weight"] == P("model")
+
+
+def test_multi_transform_state_takes_the_models_rules(net, mesh):
+    """The head trains with plain SGD (no state), the rest with Adam, whose state holds
+    optax's MaskedNode for the head: a rule for the head matches those places."""
+    labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: "head" if path[0].name == "head" else "body", params
+    )
+    tx = optax.multi_transform({"head": optax.sgd(0.1), "body": optax.adam(1e-3)}, labels)
+    rules = {"head.*": P(), "**": P()}
+    placed = treenn.shard(_state(tx, net), mesh, rules)
+    assert not any("head" in path for path in specs(placed))
+
+
+def test_a_rule_that_matches_nothing_in_the_model_still_fails_for_its_state(net, mesh):
+    """The unused-rule error stays: a typo matches neither an array nor the place of one."""
+    model = treenn.freeze(net, nn.BatchNorm)
+    rules = {"backbone.layers.1.wieght": P(), "**": P()}
+    for tree in (model, _state(optax.adam(1e-3), model), treenn.trainable(model)):
+        with pytest.raises(
+            ValueError, match=r"shard: rule 'backbone\.layers\.1\.wieght' matches no array"
+        ):
+            treenn.shard(tree, mesh, rules)
+
+
+def test_a_batch_keeps_the_unused_rule_check(mesh):
+    batch = {"image": jnp.ones((2, 3)), "label": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"shard: rule 'images' matches no array"):
+        treenn.shard(batch, mesh, {"images": P("data"), "**": P()})
 
 
 def test_module_arrays_over_explicit_axes_are_refused(net):

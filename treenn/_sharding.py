@@ -34,19 +34,65 @@ T = TypeVar("T")
 Rules: TypeAlias = "PartitionSpec | Mapping[Any, Any] | None"
 
 
+class _Copies:
+    """The copies of a model inside a tree that is not a model itself: each outermost
+    module, by dotted path (an optimiser state's `0.mu` and `0.nu`, the parts of a
+    `(model, opt_state)` pair). Rules apply within each copy as they do to the model."""
+
+    def __init__(self, tree: Any):
+        self.roots: dict[str, Any] = {}
+        if not is_module(tree):
+            paths, leaves, _ = flatten(tree, STOP_MODULE)
+            self.roots = {dotted(p): x for p, x in zip(paths, leaves) if is_module(x)}
+
+    def locate(self, path: str) -> tuple[str | None, str]:
+        """`(root, path within it)`, or `(None, path)` outside every copy."""
+        if self.roots:
+            end = path.find(".")
+            while end != -1:
+                if path[:end] in self.roots:
+                    return path[:end], path[end + 1 :]
+                end = path.find(".", end + 1)
+        return None, path
+
+
+class _Hole:
+    """Stands in for a placeholder while a getter runs on a copy, so that selecting one
+    `None` does not select every `None`."""
+
+    __slots__ = ()
+
+
 class _Rule:
     """One `where -> spec` rule, resolved against the tree being placed."""
 
-    __slots__ = ("where", "spec", "selection", "used")
+    __slots__ = ("where", "spec", "selection", "per_copy", "copies", "used")
 
-    def __init__(self, where: Any, spec: PartitionSpec, tree: Any):
+    def __init__(self, where: Any, spec: PartitionSpec, tree: Any, copies: _Copies):
         self.where = where
         self.spec = spec
-        self.selection: Selection | None = select(where, tree)
+        self.copies = copies
+        self.per_copy: dict[str, Selection | None] | None = None
+        self.selection: Selection | None = None
+        if copies.roots and _is_getter(where):
+            # A getter navigates the model: run it on each copy.
+            self.per_copy = {
+                root: select(where, _holed(copy)) for root, copy in copies.roots.items()
+            }
+        else:
+            self.selection = select(where, tree)
         self.used: list[str] = []
 
     def covers(self, path: str) -> bool:
-        return self.selection is None or self.selection.covers(path)
+        root, inner = self.copies.locate(path)
+        if self.per_copy is not None:
+            if root is None:
+                return False
+            selection = self.per_copy[root]
+            return selection is None or selection.covers(inner)
+        if self.selection is None:
+            return True
+        return self.selection.covers(path) or (root is not None and self.selection.covers(inner))
 
     @property
     def name(self) -> str:
@@ -80,8 +126,16 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
 
     The moments of an optimiser state created afterwards (`tx.init(treenn.trainable(
     model))`) follow their parameters' sharding; place the state with the same rules to
-    put the rest (a step count) on the mesh too: its paths are the parameters' behind a
-    prefix (`0.mu.blocks.0.attn.qkv.weight`), so rules starting with `**` match them.
+    put the rest (a step count) on the mesh too. In a tree that is not a model itself
+    (an optimiser state, a `(model, opt_state)` pair) the rules apply within each copy
+    of a model it holds (each outermost module: `0.mu`, `0.nu`), as they do to the
+    model: `"blocks.*.attn.qkv.weight"`, classes and getters match
+    `0.mu.blocks.0.attn.qkv.weight`; what lies outside every copy (a step count) is
+    matched by its own path (`"**"`). A rule counts as used when it selects an array or
+    the place a state keeps for a parameter without state (a frozen array or a buffer:
+    `None`; another `multi_transform` group's array: `MaskedNode`), so any optax state
+    takes the model's rules, while a rule that selects nothing in the model still fails.
+    A state that holds no copy of the model (SGD's) cannot tell, and is not checked.
     Inside a compiled step, `shard` is a sharding constraint (`with_sharding_constraint`):
     applied to a step's outputs, it keeps them where the rules say. `treenn.load(path,
     like=sharded_model)` loads each array onto its sharding.
@@ -100,7 +154,8 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
     if not isinstance(mesh, Mesh):
         raise TypeError(f"shard: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     specs = _rule_specs(rules, mesh)
-    resolved = [_Rule(where, spec, model) for where, spec in specs]
+    copies = _Copies(model)
+    resolved = [_Rule(where, spec, model, copies) for where, spec in specs]
     kinds = placeholder_types()
     paths, leaves, treedef = flatten(model, by_type(lambda kind: issubclass(kind, kinds)))
     names = [dotted(p) for p in paths]
@@ -284,6 +339,23 @@ def _misfit(mesh: Mesh, name: str, shape: tuple[int, ...], rule: _Rule) -> str |
                 f"by the size of {over} ({size}) in rule {rule.name}: {spec}"
             )
     return None
+
+
+def _is_getter(where: Any) -> bool:
+    return (
+        callable(where)
+        and not isinstance(where, (str, type, tuple))
+        and not isinstance(where, Selection)
+    )
+
+
+def _holed(copy: Any) -> Any:
+    kinds = placeholder_types()
+    return jax.tree.map(
+        lambda x: _Hole() if isinstance(x, kinds) else x,
+        copy,
+        is_leaf=lambda x: isinstance(x, kinds),
+    )
 
 
 def _is_optax_type(kind: type) -> bool:
