@@ -213,6 +213,34 @@ def _opt_state_of(model: Any) -> Any:
         return optax.adam(1e-3).init(treenn.trainable(model))
 
 
+def _needs_temperature() -> optax.GradientTransformationExtraArgs:
+    """A transform taking extra arguments, one of them one train_step does not know."""
+
+    def update(updates: Any, state: Any, params: Any = None, *, temperature: Any, **_: Any) -> Any:
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(optax.adam(1e-3).init, update)
+
+
+def _takes_no_extra() -> optax.GradientTransformationExtraArgs:
+    """Declared as taking extra arguments, but its update accepts none."""
+    adam = optax.adam(1e-3)
+    return optax.GradientTransformationExtraArgs(
+        adam.init, lambda u, s, p=None: adam.update(u, s, p)
+    )
+
+
+def _plain_plateau() -> optax.GradientTransformation:
+    """reduce_on_plateau needs the loss; rewrapped as a plain transform it gets none."""
+    plateau = optax.contrib.reduce_on_plateau()
+    return optax.GradientTransformation(plateau.init, plateau.update)
+
+
+def _step_with(w: World, tx: Any) -> Any:
+    state = tx.init(treenn.trainable(w.net))
+    return treenn.train_step(_xent, tx)(w.net, state, w.images, w.labels, w.key)
+
+
 Row = Callable[[World], Any]
 X = (2, 5)  # a Linear(5, ...) batch
 
@@ -643,6 +671,26 @@ CASES = [
         PARAM.format("loss_fn"),
     ),
     case(
+        "train_step/extra-args-transform-needs-an-unknown-argument",
+        lambda w: _step_with(w, _needs_temperature()),
+        TypeError,
+        r"train_step: tx\.update needs 1 required keyword-only argument: 'temperature', and "
+        r"it gets value= \(the loss\), grad= and value_fn=",
+    ),
+    case(
+        "train_step/extra-args-transform-that-takes-none",
+        lambda w: _step_with(w, _takes_no_extra()),
+        TypeError,
+        r"train_step: tx is an optax\.GradientTransformationExtraArgs.*must accept \*\*extra_args",
+    ),
+    case(
+        "train_step/plain-transform-that-needs-the-loss",
+        lambda w: _step_with(w, _plain_plateau()),
+        TypeError,
+        r"tx\.update needs 1 required keyword-only argument: 'value', and tx is a plain "
+        r"optax\.GradientTransformation",
+    ),
+    case(
         "eval_step/input-of-wrong-shape",
         lambda w: treenn.eval_step(lambda m, x: m(x))(w.net, w.images[..., :2]),
         ValueError,
@@ -668,6 +716,24 @@ CASES = [
         ValueError,
         r"migrate_opt_state: opt_state does not fit .*state only in opt_state: '0\.count'.*"
         r"state only in the new one: '0\.trace\.backbone",
+    ),
+    case(
+        "migrate_opt_state/state-of-another-transform-with-the-same-arrays",
+        lambda w: treenn.migrate_opt_state(optax.adabelief(1e-3), w.opt_state, w.net),
+        ValueError,
+        r"migrate_opt_state: opt_state does not fit .*the same state arrays, but other state "
+        r"types \(another transform\)",
+    ),
+    case(
+        "migrate_opt_state/state-not-kept-per-array",  # optax.flatten: one vector for all
+        lambda w: treenn.migrate_opt_state(
+            optax.flatten(optax.adam(1e-3)),
+            optax.flatten(optax.adam(1e-3)).init(treenn.trainable(w.frozen_head)),
+            w.net,
+        ),
+        ValueError,
+        r"migrate_opt_state: opt_state holds float32\[\d+\] at '0\.mu', where "
+        r"tx\.init\(treenn\.trainable\(model\)\) has float32\[\d+\].*optax\.flatten",
     ),
     case(
         "migrate_opt_state/not-an-optax-transform",
@@ -888,6 +954,19 @@ CASES = [
         lambda w: treenn.shard(w.net, _mesh(), {"neck.**": P(), "**": P()}),
         ValueError,
         r"shard: rule 'neck\.\*\*' matches no array",
+    ),
+    case(
+        "shard/rule-matches-nothing-in-an-optimiser-state",  # a typo: no array, no place
+        lambda w: treenn.shard(w.opt_state, _mesh(), {"head.wieght": P(), "**": P()}),
+        ValueError,
+        r"shard: rule 'head\.wieght' matches no array \(nor the place of a frozen array or "
+        r"buffer in an optimiser state\); arrays: '0\.count'",
+    ),
+    case(
+        "shard/getter-fails-on-a-copy-in-an-optimiser-state",
+        lambda w: treenn.shard(w.opt_state, _mesh(), {lambda m: m.neck: P(), "**": P()}),
+        ValueError,
+        r"where=<getter .*<lambda>> failed on the model \(AttributeError: .*'neck'",
     ),
     case(
         "shard/array-left-unmatched",
