@@ -29,7 +29,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -42,6 +41,12 @@ from treenn.models import VisionTransformer
 
 Data = tuple[np.ndarray, np.ndarray]
 BATCH = 64
+FILES = {
+    "LoRA (r=4)": "lora",
+    "LoRA + layer decay 0.75": "lora-decay",
+    "full fine-tuning": "full-ft",
+    "linear probe": "probe",
+}
 
 
 def digits(classes: range, seed: int) -> tuple[Data, Data]:
@@ -71,7 +76,9 @@ def train(model: Any, tx: Any, data: Data, steps: int, seed: int) -> tuple[Any, 
     start = None
     for i in range(steps):
         batch = rng.choice(len(x), size=BATCH, replace=False)
-        model, opt_state, loss = step(model, opt_state, x[batch], y[batch], jax.random.fold_in(key, i))
+        model, opt_state, loss = step(
+            model, opt_state, x[batch], y[batch], jax.random.fold_in(key, i)
+        )
         if i == 0:
             jax.block_until_ready(loss)
             start = time.perf_counter()
@@ -164,16 +171,20 @@ def main() -> None:
         memory = step_memory(model, tx, data[0][:BATCH], data[1][:BATCH])
         model, per_step = train(model, tx, data, args.steps, args.seed)
         results[name] = model
-        path = os.path.join(args.out, f"{name.split()[0].lower()}-trainable.eqx")
+        path = os.path.join(args.out, f"{FILES[name]}-trainable.eqx")
         size = _saved_size(path, treenn.trainable(model))
         rows.append((name, accuracy(model, test), count(model), size, per_step, memory))
 
-    print(f"\nfine-tuned on 5-9 ({args.steps} steps, batch {BATCH}); full checkpoint "
-          f"{full_size / 1024:.0f} KiB")
+    print(
+        f"\nfine-tuned on 5-9 ({args.steps} steps, batch {BATCH}); full checkpoint "
+        f"{full_size / 1024:.0f} KiB"
+    )
     print(f"{'':26}{'test acc':>9}{'trainable':>11}{'ckpt KiB':>10}{'ms/step':>9}{'step MiB':>10}")
     for name, acc, n, size, per_step, memory in rows:
-        print(f"{name:26}{acc:9.3f}{n:11,}{size / 1024:10.1f}{per_step * 1e3:9.1f}"
-              f"{memory / 2**20:10.2f}")
+        print(
+            f"{name:26}{acc:9.3f}{n:11,}{size / 1024:10.1f}{per_step * 1e3:9.1f}"
+            f"{memory / 2**20:10.2f}"
+        )
 
     # 3. Adapter-only checkpoint back onto a base loaded from elsewhere, and merging.
     lora_model = results["LoRA (r=4)"]
@@ -187,8 +198,10 @@ def main() -> None:
     merged = treenn.merge_lora(lora_model)
     got, want = np.asarray(predict(merged, test[0])), np.asarray(predict(lora_model, test[0]))
     agree = np.mean(got.argmax(-1) == want.argmax(-1))
-    print(f"merged: max |logit difference| {np.abs(got - want).max():.2e}, "
-          f"same class for {agree:.1%} of the test set")
+    print(
+        f"merged: max |logit difference| {np.abs(got - want).max():.2e}, "
+        f"same class for {agree:.1%} of the test set"
+    )
     repeats = 5 if args.quick else 50
     times = {
         "base model": forward_time(base, test[0], repeats),

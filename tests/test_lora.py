@@ -118,7 +118,9 @@ def test_adapter_formula_and_scaling(key):
     adapted = randomised(treenn.lora(layer, None, rank=2, alpha=5, key=key))
     a, b = np.asarray(adapted.lora_A, np.float64), np.asarray(adapted.lora_B, np.float64)
     x = np.asarray(X, np.float64)
-    want = x @ np.asarray(layer.weight, np.float64).T + np.asarray(layer.bias) + 2.5 * (x @ a.T @ b.T)
+    want = (
+        x @ np.asarray(layer.weight, np.float64).T + np.asarray(layer.bias) + 2.5 * (x @ a.T @ b.T)
+    )
     close(adapted(X), want.astype(np.float32), rtol=1e-5, atol=1e-5)
     # alpha=None means alpha=rank: scaling 1.
     plain = treenn.lora(layer, None, rank=2, key=key)
@@ -168,6 +170,28 @@ def test_merge_gives_plain_model_with_the_same_outputs(zoo, key):
 def test_merge_without_adapters_is_an_error(zoo):
     with pytest.raises(ValueError, match="no LoRA adapter"):
         treenn.merge_lora(zoo)
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (lambda k: nn.Conv2d(3, 4, 3, padding=2, dilation=2, key=k), rand((2, 7, 7, 3))),
+        (lambda k: nn.Conv1d(3, 4, 3, stride=2, key=k), rand((2, 9, 3))),
+        (lambda k: nn.Conv3d(2, 3, (1, 3, 3), padding="SAME", key=k), rand((1, 3, 5, 5, 2))),
+        (lambda k: eqx.nn.Conv1d(3, 4, 3, padding=1, key=k), rand((3, 9))),
+        (lambda k: eqx.nn.MLP(4, 2, 8, 2, key=k), rand((4,))),
+        (lambda k: eqx.nn.MultiheadAttention(2, 8, key=k), rand((5, 8))),
+    ],
+)
+def test_merge_matches_adapted_across_layers(layer, x, key):
+    base = layer(key)
+    model = randomised(treenn.lora(base, None, rank=2, alpha=4, key=key))
+    call = (
+        (lambda m: m(x, x, x)) if isinstance(base, eqx.nn.MultiheadAttention) else (lambda m: m(x))
+    )
+    got = call(model)
+    assert not np.allclose(got, call(base), atol=1e-3)
+    close(call(treenn.merge_lora(model)), np.asarray(got), rtol=1e-5, atol=1e-5)
 
 
 # -- misuse ---------------------------------------------------------------------------
@@ -364,12 +388,23 @@ def test_matches_peft_linear_and_conv2d():
 
     key = jax.random.key(0)
     fc = treenn.lora(nn.Linear(6, 5, key=key), None, rank=3, alpha=7, key=key)
-    fc = _fill(fc, sd["base_layer.weight"], sd["base_layer.bias"], sd["lora_A.default.weight"],
-               sd["lora_B.default.weight"])
-    conv = treenn.lora(nn.Conv2d(3, 4, 3, stride=2, padding=1, key=key), None, rank=3, alpha=7,
-                       key=key)
-    conv = _fill(conv, sd_c["base_layer.weight"], sd_c["base_layer.bias"],
-                 sd_c["lora_A.default.weight"], sd_c["lora_B.default.weight"])
+    fc = _fill(
+        fc,
+        sd["base_layer.weight"],
+        sd["base_layer.bias"],
+        sd["lora_A.default.weight"],
+        sd["lora_B.default.weight"],
+    )
+    conv = treenn.lora(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1, key=key), None, rank=3, alpha=7, key=key
+    )
+    conv = _fill(
+        conv,
+        sd_c["base_layer.weight"],
+        sd_c["base_layer.bias"],
+        sd_c["lora_A.default.weight"],
+        sd_c["lora_B.default.weight"],
+    )
     x = rand_np((2, 6))
     img = rand_np((2, 3, 9, 9), seed=1)  # NCHW for torch
     with torch.no_grad():
@@ -413,3 +448,66 @@ def test_example_quick(tmp_path):
     assert "identical predictions: True" in out.stdout
     assert "LoRA + layer decay" in out.stdout and "linear probe" in out.stdout
     assert (tmp_path / "lora-trainable.eqx").stat().st_size < (tmp_path / "full.eqx").stat().st_size
+
+
+@pytest.mark.slow
+def test_matches_peft_multihead_attention():
+    """In-projection adapter against PEFT; the out_proj adapter against a torch
+    MultiheadAttention with the merged weight W + dW: PEFT 0.21 applies out_proj's delta
+    twice (huggingface/peft#3774), so with it nonzero PEFT is no reference."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from treenn._status import Frozen
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["mha"])
+    peft_net = peft.get_peft_model(Net(), config)
+    for name, p in peft_net.named_parameters():
+        if "lora_B" in name and "out_proj" not in name:
+            torch.nn.init.normal_(p, std=0.5)
+    torch_mha = peft_net.base_model.model.mha
+    sd = {k: v.detach().numpy() for k, v in torch_mha.state_dict().items()}
+    key = jax.random.key(0)
+    mha = treenn.lora(nn.MultiheadAttention(8, 2, key=key), None, rank=2, alpha=3, key=key)
+    b_out = rand_np((8, 2), seed=5)
+    out_proj = treenn._tree.replace_fields(
+        mha.out_proj,
+        weight=Frozen(jnp.asarray(sd["base_layer.out_proj.base_layer.weight"])),
+        bias=Frozen(jnp.asarray(sd["base_layer.out_proj.base_layer.bias"])),
+        lora_A=jnp.asarray(sd["base_layer.out_proj.lora_A.default.weight"]),
+        lora_B=jnp.zeros((8, 2)),
+    )
+    mha = treenn._tree.replace_fields(
+        mha,
+        in_proj_weight=Frozen(jnp.asarray(sd["base_layer.in_proj_weight"])),
+        in_proj_bias=Frozen(jnp.asarray(sd["base_layer.in_proj_bias"])),
+        lora_A=jnp.asarray(sd["lora_A.default.weight"]),
+        lora_B=jnp.asarray(sd["lora_B.default.weight"]),
+        out_proj=out_proj,
+    )
+    x = rand_np((2, 5, 8))
+    xs = (torch.from_numpy(x),) * 3
+    with torch.no_grad():
+        want = torch_mha(*xs, need_weights=False)[0].numpy()
+    close(nn.eval_mode(mha)(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
+    # Both adapters: a plain torch layer with each delta merged once.
+    mha = eqx.tree_at(lambda m: m.out_proj.lora_B, mha, jnp.asarray(b_out))
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    a_out = sd["base_layer.out_proj.lora_A.default.weight"]
+    merged = {
+        "in_proj_weight": sd["base_layer.in_proj_weight"]
+        + 1.5 * sd["lora_B.default.weight"] @ sd["lora_A.default.weight"],
+        "in_proj_bias": sd["base_layer.in_proj_bias"],
+        "out_proj.weight": sd["base_layer.out_proj.base_layer.weight"] + 1.5 * b_out @ a_out,
+        "out_proj.bias": sd["base_layer.out_proj.base_layer.bias"],
+    }
+    ref.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in merged.items()})
+    with torch.no_grad():
+        want = ref(*xs, need_weights=False)[0].numpy()
+    close(nn.eval_mode(mha)(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
+    close(nn.eval_mode(treenn.merge_lora(mha))(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)

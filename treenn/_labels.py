@@ -11,7 +11,7 @@ optax would call it.)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ._selectors import few, select
 from ._sharding import _first_rule, _Rule
@@ -48,7 +48,7 @@ class Labels:
                     f"{', '.join(r.name for r in self._rules)}. End them with a catch-all "
                     "such as '**': 'default'"
                 )
-            found = self.paths[path] = rule.spec
+            found = self.paths[path] = _label_of(rule)
         return found
 
     def __call__(self, params: Any) -> Any:
@@ -87,6 +87,10 @@ class _LabelRule(_Rule):
         self.spec = label  # type: ignore[assignment]
         self.selection = select(where, tree)
         self.used = []
+
+
+def _label_of(rule: _Rule) -> str:
+    return cast(str, rule.spec)
 
 
 def _is_abstract(x: Any) -> bool:
@@ -136,7 +140,7 @@ def labels(model: Any, rules: Mapping[Any, str]) -> Labels:
                 f"({type(label).__name__}); labels are strings, the keys of the "
                 "transforms given to optax.multi_transform"
             )
-    resolved = [_LabelRule(where, label, model) for where, label in rules.items()]
+    resolved: list[_Rule] = [_LabelRule(w, label, model) for w, label in rules.items()]
     return _label(model, resolved)
 
 
@@ -152,7 +156,7 @@ def _label(model: Any, resolved: list[_Rule], scales: Any = None) -> Labels:
         names.append(name)
         rule = _first_rule(resolved, name)
         if rule is not None:
-            found[name] = rule.spec
+            found[name] = _label_of(rule)
         elif status_of(leaf) is Status.TRAINABLE:
             unmatched.append(name)
     if unmatched:
@@ -233,5 +237,5 @@ def layer_decay(model: Any, decay: float) -> Labels:
     rules.update({where: f"layer_{i + 1}" for i, where in enumerate(blocks)})
     rules["**"] = f"layer_{depth + 1}"
     scales = {f"layer_{i}": float(decay) ** (depth + 1 - i) for i in range(depth + 2)}
-    resolved = [_LabelRule(where, label, model) for where, label in rules.items()]
+    resolved: list[_Rule] = [_LabelRule(w, label, model) for w, label in rules.items()]
     return _label(model, resolved, scales)

@@ -105,7 +105,7 @@ class _LoRAConvNd(_Adapter):
     """`lora_A` is a convolution with the layer's kernel, stride, padding and dilation
     to `rank` channels, `lora_B` a 1x1 convolution (PEFT's)."""
 
-    def _adapted(self, base: type, x: jax.Array, key: PRNGKeyArray | None) -> jax.Array:
+    def _adapted(self, base: Any, x: jax.Array, key: PRNGKeyArray | None) -> jax.Array:
         y = base._forward(self, x)
         h = self.lora_dropout(x, key=self._key(key))
         rank = self.lora_A.shape[0]
@@ -374,9 +374,7 @@ def lora(
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"treenn.lora: dropout={dropout!r} must be in [0, 1)")
     if not _is_prng_key(key):
-        raise TypeError(
-            f"treenn.lora: key={key!r} is not a PRNG key; pass e.g. jax.random.key(0)"
-        )
+        raise TypeError(f"treenn.lora: key={key!r} is not a PRNG key; pass e.g. jax.random.key(0)")
     selection = select(where, model)
     scaling = float(rank if alpha is None else alpha) / rank
     inference = _all_eval(model)
@@ -519,8 +517,9 @@ def load_trainable(path: str | os.PathLike[str], model: T) -> T:
     # leaves out (a mode flag), which `rest` holds already.
     wanted, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_none)
     got, got_def = jax.tree_util.tree_flatten(loaded, is_leaf=_is_none)
-    if got_def == treedef:
-        loaded = treedef.unflatten([g if w is not None else None for w, g in zip(wanted, got)])
+    if str(got_def) == str(treedef):
+        kept = [g if w is not None else None for w, g in zip(wanted, got)]
+        loaded = jax.tree_util.tree_unflatten(treedef, kept)
     return combine(loaded, rest)
 
 
