@@ -6,18 +6,20 @@ by type and value as `jax.jit` compares static arguments. Per call:
 
 1. keyword arguments are bound to the signature, so `f(a, y=b)` and `f(a, b)` are one
    call;
-2. `(args, kwargs)` is flattened once with JAX's C++ flatten, and `(treedef, static
-   leaves, their types)` picks one `jax.jit` over the flat list of arrays;
+2. each argument is flattened with JAX's C++ flatten into its arrays and an interned
+   *structure* (tree structure and static leaves), and one `jax.jit` over the lists of
+   arrays is cached per tuple of structures. An argument this function returned (or
+   received) on its previous call, the model and optimiser state of a training loop, is
+   recognised by identity and not flattened again. The recognition holds only weak
+   references (to the object, or to the items of a tuple, and to its arrays): it never
+   keeps anything alive, and a dead reference just means flattening again;
 3. the compiled function returns its computed arrays together with a description of its
    output as static pytree data, so JAX's own cache hands every call the description of
    the very trace it ran (shapes, dtypes, weak types, shardings: whatever `jax.jit`
-   keys on), with no state shared between calls or threads;
+   keys on), and no call or thread can see another's;
 4. an output array that is an input array unchanged (a frozen weight) is not an output of
    the computation: the input array itself is put back in its place, saving the copy
    `jax.jit` would make of it every call.
-
-Nothing is kept from a call but the compiled code: no reference to its inputs or
-outputs outlives it.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ import functools
 import inspect
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
+import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
 
 from ._caches import register
-from ._status import is_array
+from ._fastbuild import builder
+from ._status import MARK_TYPES, is_array
 
 _P = ParamSpec("_P")
 _Q = ParamSpec("_Q")
@@ -43,16 +48,111 @@ _S = TypeVar("_S")
 
 Donate = Literal["none", "all", "all-except-first", "warn", "warn-except-first"]
 
-# donate -> (donate_argnums of (kept, donated), JAX's unusable-donation warning hidden)
-_DONATE: dict[str, tuple[tuple[int, ...], bool]] = {
-    "none": ((), False),
-    "all": ((1,), True),
-    "all-except-first": ((1,), True),
-    "warn": ((1,), False),
-    "warn-except-first": ((1,), False),
+# donate -> (whether to donate, whether the first argument is kept, warning hidden)
+_DONATE: dict[str, tuple[bool, bool, bool]] = {
+    "none": (False, False, False),
+    "all": (True, False, True),
+    "all-except-first": (True, True, True),
+    "warn": (True, False, False),
+    "warn-except-first": (True, True, False),
 }
-_MAX_TRACES = 256  # structures kept per function; the oldest is dropped beyond
+_MAX_TRACES = 256  # compiled structures kept per function; the oldest dropped beyond
+_MAX_STRUCTURES = 4096  # interned argument structures per function; all dropped beyond
 _HOST = (np.ndarray, np.generic)
+
+
+class _Structure:
+    """One argument's tree structure and static leaves (`None` where an array goes).
+    Interned per function, so that it is its own, identity-hashed, cache key."""
+
+    __slots__ = ("treedef", "statics", "immutable", "_fast")
+
+    def __init__(self, treedef: Any, statics: tuple[Any, ...]):
+        self.treedef = treedef
+        self.statics = statics
+        self.immutable = _immutable(treedef)
+        self._fast: Callable[[list[Any]], Any] | None = None
+
+    def build_fast(self, arrays: list[Any]) -> Any:
+        """`build`, through code generated once for this structure (per-call outputs)."""
+        fast = self._fast
+        if fast is None:
+            try:
+                fast = builder(self.treedef, self.statics, None)
+            except RecursionError:  # a very deep model: JAX rebuilds it
+                fast = self.build
+            self._fast = fast
+        return fast(arrays)
+
+    def build(self, arrays: list[Any]) -> Any:
+        it = iter(arrays)
+        return self.treedef.unflatten([next(it) if s is None else s for s in self.statics])
+
+
+_ARRAY: Any = object()  # the structure of a bare array argument
+
+
+def _immutable(treedef: Any) -> bool:
+    """Whether every node of `treedef` is of a type that cannot change in place (a list,
+    a dict or a user's own pytree class might: those are flattened every call)."""
+    stack = [treedef]
+    while stack:
+        node = stack.pop()
+        data = node.node_data()
+        if data is not None:
+            kind = data[0]
+            if not (
+                issubclass(kind, (tuple, eqx.Module, jtu.Partial))
+                or kind is type(None)
+                or kind in MARK_TYPES
+            ):
+                return False
+        stack.extend(node.children())
+    return True
+
+
+_NONE: Any = object()  # guard of a `None` item
+
+
+def _guard(x: Any, forget: Callable[[Any], None], depth: int = 0) -> Any:
+    """A weak proof of `x`'s identity: a weak reference to it, or for a tuple (not
+    weakly referable, but immutable: it is its items) its type and its items' guards.
+    `forget` is called when a referent dies. `None` when there is no such proof."""
+    if x is None:
+        return _NONE
+    try:
+        return weakref.ref(x, forget)
+    except TypeError:
+        pass
+    if isinstance(x, tuple) and depth < 8:
+        items = tuple(_guard(item, forget, depth + 1) for item in x)
+        if all(g is not None for g in items):
+            return (type(x), items)
+    return None
+
+
+def _matches(guard: Any, x: Any) -> bool:
+    if type(guard) is weakref.ReferenceType:
+        return guard() is x
+    if guard is _NONE:
+        return x is None
+    kind, items = guard
+    return type(x) is kind and len(x) == len(items) and all(map(_matches, items, x))
+
+
+class _Known:
+    """A tree this function received or returned, recognised by identity next call.
+
+    It holds the tree's arrays, but only as long as the tree itself (or, for a tuple,
+    each of its items) is alive: the death of any of them drops the record."""
+
+    __slots__ = ("guard", "arrays", "structure", "token")
+
+    def __init__(self, guard: Any, arrays: list[Any], structure: _Structure, token: object):
+        self.guard = guard
+        self.arrays = arrays
+        self.structure = structure
+        self.token = token
 
 
 class _Out:
@@ -61,56 +161,40 @@ class _Out:
     The compiled function returns it as static pytree data, so each call receives the
     description made by the trace that produced its arrays."""
 
-    __slots__ = ("treedef", "template", "computed", "forwarded")
+    __slots__ = ("template", "computed", "forwarded", "parts", "is_tuple")
 
-    def __init__(self, treedef: Any, template: tuple[Any, ...], computed: Any, forwarded: Any):
-        self.treedef = treedef
+    def __init__(self, template: Any, computed: Any, forwarded: Any, parts: Any, is_tuple: bool):
         self.template = template  # the output's leaves, `None` where an array goes
         self.computed = computed  # leaf positions of the computed arrays, in order
-        self.forwarded = forwarded  # ((leaf position, input array index), ...)
+        self.forwarded = forwarded  # ((leaf position, input list, index in it), ...)
+        # Per top-level element (the output itself unless it is a tuple): (treedef,
+        # first leaf, end, structure to remember it by or None, its array positions).
+        self.parts = parts
+        self.is_tuple = is_tuple
 
-    def build(self, computed: list[Any], inputs: list[Any]) -> Any:
+    def build(
+        self, computed: list[Any], inputs: list[list[Any]], remember: Callable[..., None]
+    ) -> Any:
         leaves = list(self.template)
         for position, x in zip(self.computed, computed):
             leaves[position] = x
-        for position, index in self.forwarded:
-            x = inputs[index]
+        for position, k, j in self.forwarded:
+            x = inputs[k][j]
             # A NumPy input passed through comes back as a JAX array, as from `jax.jit`.
             leaves[position] = jax.numpy.asarray(x) if isinstance(x, _HOST) else x
-        return self.treedef.unflatten(leaves)
+        elements = []
+        for treedef, start, end, structure, positions in self.parts:
+            if structure is None:
+                element = treedef.unflatten(leaves[start:end])
+            else:
+                arrays = [leaves[start + p] for p in positions]
+                element = structure.build_fast(arrays)
+                remember(element, structure, arrays)
+            elements.append(element)
+        return tuple(elements) if self.is_tuple else elements[0]
 
 
 jtu.register_pytree_node(_Out, lambda out: ((), out), lambda out, _: out)
-
-
-def _describe(out: Any, inputs: list[Any]) -> tuple[list[Any], _Out]:
-    """At trace time: the arrays the computation must return, and how to rebuild `out`
-    from them and from `inputs` (the forwardable input tracers)."""
-    leaves, treedef = jtu.tree_flatten(out)
-    source = {id(x): i for i, x in enumerate(inputs)}
-    template = list(leaves)
-    computed, positions, forwarded = [], [], []
-    for position, leaf in enumerate(leaves):
-        if not is_array(leaf):
-            continue
-        template[position] = None
-        index = source.get(id(leaf))
-        if index is None:
-            positions.append(position)
-            computed.append(leaf)
-        else:
-            forwarded.append((position, index))
-    return computed, _Out(treedef, tuple(template), tuple(positions), tuple(forwarded))
-
-
-class _Entry:
-    """One structure's compiled function."""
-
-    __slots__ = ("jitted", "n_kept")
-
-    def __init__(self, jitted: Any, n_kept: int):
-        self.jitted = jitted
-        self.n_kept = n_kept  # the first this many array leaves are never donated
 
 
 class Jitted(Generic[_P, _R]):
@@ -125,16 +209,18 @@ class Jitted(Generic[_P, _R]):
         self.__wrapped__ = fn
         self._fn = fn
         self._donate = donate
-        self._donate_argnums, self._quiet = _DONATE[donate]
-        self._keep_first = donate.endswith("except-first")
+        self._donating, self._keep_first, self._quiet = _DONATE[donate]
         # A callable module or bound method holds arrays: flatten it with the arguments.
         self._static_fn = len(jtu.tree_leaves(fn)) == 1 and jtu.tree_leaves(fn)[0] is fn
         try:
             self._signature: inspect.Signature | None = inspect.signature(fn)
         except (TypeError, ValueError):  # some builtins have none: kwargs stay kwargs
             self._signature = None
-        self._cache: dict[Any, _Entry] = register(_Cache())
+        self._cache: dict[tuple[Any, ...], Any] = register(_Cache())
+        self._structures: dict[Any, _Structure] = register(_Cache())
+        self._memo: dict[int, _Known] = {}
         self._lock = threading.Lock()
+        self._weakself = weakref.ref(self)
 
     @overload
     def __get__(self, instance: None, owner: type | None = None) -> Jitted[_P, _R]: ...
@@ -152,31 +238,87 @@ class Jitted(Generic[_P, _R]):
         return jtu.Partial(self, instance)
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        entry, arrays = self._prepare(args, kwargs)
-        kept, donated = arrays[: entry.n_kept], arrays[entry.n_kept :]
+        memo: dict[int, _Known] = {}
+        jitted, lists = self._prepare(args, kwargs, self._memo, memo)
         if self._quiet:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-                computed, out = entry.jitted(kept, donated)
+                computed, out = jitted(*lists)
         else:
-            computed, out = entry.jitted(kept, donated)
-        result: _R = out.build(computed, arrays)
+            computed, out = jitted(*lists)
+        result: _R = out.build(computed, lists, functools.partial(self._remember, memo))
+        self._memo = memo  # this call's objects only: the previous ones are forgotten
         return result
 
     def lower(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:
         """Trace and lower for these arguments without running, as `jax.jit(f).lower`:
         the result's `.compile()`, `.as_text()` and `.cost_analysis()` are JAX's. (Its
         executable takes treenn's internal flat argument lists: to run, call `f`.)"""
-        entry, arrays = self._prepare(args, kwargs)
-        return entry.jitted.lower(arrays[: entry.n_kept], arrays[entry.n_kept :])
+        jitted, lists = self._prepare(args, kwargs, {}, {})
+        return jitted.lower(*lists)
 
     # -- internals ----------------------------------------------------------------------
-    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Entry, list[Any]]:
-        """The compiled function for these arguments' structure, and their array leaves."""
+    def _prepare(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        known: dict[int, _Known],
+        memo: dict[int, _Known],
+    ) -> tuple[Any, list[list[Any]]]:
+        """The compiled function for these arguments, and one list of arrays per argument
+        (positional arguments, then the keyword ones, then the function's own)."""
         if kwargs and self._signature is not None:
             args, kwargs = self._bind(args, kwargs)
-        tree = (args, kwargs) if self._static_fn else (args, kwargs, self._fn)
-        leaves, treedef = jtu.tree_flatten(tree)
+        objects: tuple[Any, ...] = args
+        if kwargs:
+            objects = (*objects, kwargs)
+        if not self._static_fn:
+            objects = (*objects, self._fn)
+        lists = []
+        key: list[Any] = [len(args), bool(kwargs)]
+        for x in objects:
+            if is_array(x):
+                lists.append([x])
+                key.append(_ARRAY)
+                continue
+            hit = known.get(id(x))
+            if hit is not None and _matches(hit.guard, x):
+                memo[id(x)] = hit
+                arrays, structure = hit.arrays, hit.structure
+            else:
+                arrays, structure = self._split(x, args, kwargs)
+                if structure.immutable and not any(isinstance(a, _HOST) for a in arrays):
+                    self._remember(memo, x, structure, arrays)
+            lists.append(arrays)
+            key.append(structure)
+        jitted = self._cache.get(tuple(key))
+        if jitted is None:
+            jitted = self._compile(tuple(key))
+        if self._donating:
+            self._check_donation(lists, len(args), args, kwargs)
+        return jitted, lists
+
+    def _remember(
+        self, memo: dict[int, _Known], x: Any, structure: _Structure, arrays: list[Any]
+    ) -> None:
+        key, token, owner = id(x), object(), self._weakself
+
+        def forget(_: Any) -> None:
+            # `x` (or an item of it) died: drop the record, and with it the arrays.
+            jitted = owner()
+            if jitted is not None:
+                known = jitted._memo.get(key)
+                if known is not None and known.token is token:
+                    jitted._memo.pop(key, None)
+
+        guard = _guard(x, forget)
+        if guard is not None:
+            memo[key] = _Known(guard, arrays, structure, token)
+
+    def _split(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], _Structure]:
+        leaves, treedef = jtu.tree_flatten(x)
         arrays: list[Any] = []
         statics: list[Any] = []
         for leaf in leaves:
@@ -185,16 +327,21 @@ class Jitted(Generic[_P, _R]):
                 statics.append(None)  # never a leaf itself: a free placeholder
             else:
                 statics.append(leaf)
-        key = (treedef, tuple(statics), tuple(map(type, statics)))
         try:
-            entry = self._cache.get(key)
+            return arrays, self._intern(treedef, tuple(statics))
         except TypeError:
-            raise self._unhashable(tree) from None
-        if entry is None:
-            entry = self._compile(key, args)
-        if self._donate_argnums and entry.n_kept < len(arrays):
-            self._check_donation(arrays, entry.n_kept, tree)
-        return entry, arrays
+            raise self._unhashable(args, kwargs) from None
+
+    def _intern(self, treedef: Any, statics: tuple[Any, ...]) -> _Structure:
+        """The one `_Structure` for this structure; `TypeError` if a static is unhashable."""
+        key = (treedef, statics, tuple(map(type, statics)))
+        structure = self._structures.get(key)
+        if structure is None:
+            with self._lock:
+                if len(self._structures) >= _MAX_STRUCTURES:
+                    self._structures.clear()
+                structure = self._structures.setdefault(key, _Structure(treedef, statics))
+        return structure
 
     def _bind(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -206,42 +353,88 @@ class Jitted(Generic[_P, _R]):
             raise TypeError(f"treenn.jit({_name(self._fn)}): {err}") from None
         return bound.args, bound.kwargs
 
-    def _compile(self, key: tuple[Any, Any, Any], args: tuple[Any, ...]) -> _Entry:
-        treedef, statics, _ = key
+    def _donated(self, n_objects: int, n_args: int) -> tuple[int, ...]:
+        if not self._donating:
+            return ()
+        first = 1 if self._keep_first and n_args > 0 else 0
+        return tuple(range(first, n_objects))
+
+    def _compile(self, key: tuple[Any, ...]) -> Any:
+        n_args, has_kwargs, *structures = key
         fn, static_fn = self._fn, self._static_fn
-        n_kept = 0
-        if not self._donate_argnums:
-            n_kept = sum(1 for s in statics if s is None)  # nothing donated: all kept
-        elif self._keep_first and args:
-            n_kept = sum(1 for leaf in jtu.tree_leaves(args[0]) if is_array(leaf))
+        donated = self._donated(len(structures), n_args)
 
-        def flat(kept: list[Any], donated: list[Any]) -> tuple[list[Any], _Out]:
-            arrays = iter([*kept, *donated])
-            tree = treedef.unflatten([next(arrays) if s is None else s for s in statics])
-            args, kwargs = tree[0], tree[1]
-            out = (fn if static_fn else tree[2])(*args, **kwargs)
+        def flat(*lists: list[Any]) -> tuple[list[Any], _Out]:
+            objects = [
+                arrays[0] if s is _ARRAY else s.build(arrays) for s, arrays in zip(structures, lists)
+            ]
+            call = fn if static_fn else objects[-1]
+            out = call(*objects[:n_args], **(objects[n_args] if has_kwargs else {}))
             # Donated buffers are deleted by the call: only kept inputs pass through.
-            return _describe(out, kept)
+            return self._describe(out, [[] if k in donated else a for k, a in enumerate(lists)])
 
-        entry = _Entry(jax.jit(flat, donate_argnums=self._donate_argnums), n_kept)
+        jitted = jax.jit(flat, donate_argnums=donated)
         with self._lock:
             if len(self._cache) >= _MAX_TRACES:
                 del self._cache[next(iter(self._cache))]
-            self._cache[key] = entry
-        return entry
+            self._cache[key] = jitted
+        return jitted
 
-    def _check_donation(self, arrays: list[Any], n_kept: int, tree: Any) -> None:
+    def _describe(self, out: Any, inputs: list[list[Any]]) -> tuple[list[Any], _Out]:
+        """At trace time: the arrays the computation must return, and how to rebuild `out`
+        from them and from the inputs that may pass through (`inputs`, tracers)."""
+        leaves, flat_def = jtu.tree_flatten(out)
+        treedef: Any = flat_def  # (`children()` is missing from JAX's type stubs)
+        source = {id(x): (k, j) for k, arrays in enumerate(inputs) for j, x in enumerate(arrays)}
+        template = list(leaves)
+        computed, positions, forwarded = [], [], []
+        for position, leaf in enumerate(leaves):
+            if not is_array(leaf):
+                continue
+            template[position] = None
+            where = source.get(id(leaf))
+            if where is None:
+                positions.append(position)
+                computed.append(leaf)
+            else:
+                forwarded.append((position, *where))
+        is_tuple = type(out) is tuple
+        parts = []
+        start = 0
+        for part in treedef.children() if is_tuple else [treedef]:
+            end = start + part.num_leaves
+            statics = tuple(template[start:end])
+            arrays = tuple(p for p in range(end - start) if statics[p] is None)
+            try:
+                structure: _Structure | None = self._intern(part, statics)
+            except TypeError:  # outputs may hold unhashable objects: just not remembered
+                structure = None
+            if structure is not None and not structure.immutable:
+                structure = None
+            parts.append((part, start, end, structure, arrays))
+            start = end
+        description = _Out(tuple(template), tuple(positions), tuple(forwarded), tuple(parts), is_tuple)
+        return computed, description
+
+    def _check_donation(
+        self, lists: list[list[Any]], n_args: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         """A donated buffer must not be used elsewhere in the call: that use would see a
         deleted array (or the forwarded input would come back deleted)."""
+        donated = self._donated(len(lists), n_args)
         seen: set[int] = set()
         clash = False
-        for x in arrays[n_kept:]:
-            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-                clash = clash or id(x) in seen
-                seen.add(id(x))
-        clash = clash or any(id(x) in seen for x in arrays[:n_kept])
+        for k in donated:
+            for x in lists[k]:
+                if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+                    clash = clash or id(x) in seen
+                    seen.add(id(x))
+        for k in range(len(lists)):
+            if k not in donated:
+                clash = clash or any(id(x) in seen for x in lists[k])
         if not clash:
             return
+        tree = (args, kwargs) if self._static_fn else (args, kwargs, self._fn)
         paths: dict[int, list[str]] = {}
         for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
             if id(leaf) in seen:
@@ -253,7 +446,8 @@ class Jitted(Generic[_P, _R]):
             "still used. Pass it once, or copy it (jnp.copy) for the second use"
         )
 
-    def _unhashable(self, tree: Any) -> TypeError:
+    def _unhashable(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TypeError:
+        tree = (args, kwargs) if self._static_fn else (args, kwargs, self._fn)
         for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
             if not is_array(leaf) and not _hashable(leaf):
                 return TypeError(
