@@ -244,6 +244,26 @@ def test_train_step_as_it_is_runs_fsdp_steps_with_the_state_tx_init_made():
     assert statuses(m) == statuses(model)
 
 
+def test_adam_state_of_a_model_with_frozen_batchnorm_takes_the_models_rules():
+    """Issue 15: Adam keeps no moments for a frozen BatchNorm, and the model's rules (a
+    class rule for it, paths written for the model) place its state on the mesh: each
+    moment like its parameter."""
+    model = treenn.freeze(Net(key=jax.random.key(3)), nn.BatchNorm)
+    rules = {
+        nn.BatchNorm: P(),
+        "backbone.**.weight": P("data"),  # (out, in, h, w): 4 output channels
+        "head.weight": P(None, "data"),
+        "**": P(),
+    }
+    sharded = treenn.shard(model, MESH, rules)
+    with optax_promotion():
+        opt_state = treenn.shard(optax.adam(1e-3).init(treenn.trainable(sharded)), MESH, rules)
+    assert arrays(opt_state[0].mu).keys() == arrays(treenn.trainable(model)).keys()
+    same_sharding(opt_state[0].mu, sharded, "first moments")
+    same_sharding(opt_state[0].nu, sharded, "second moments")
+    assert arrays(opt_state[0].mu)["head.weight"].sharding.spec == P(None, "data")
+
+
 def test_inside_a_compiled_step_shard_constrains_the_outputs(vit_run):
     model = treenn.shard(vit_run[0], MESH)  # replicated in, FSDP out
     out = treenn.jit(lambda m: treenn.shard(m, MESH, FSDP))(model)
