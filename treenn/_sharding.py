@@ -64,24 +64,39 @@ class _Hole:
 
 
 class _Rule:
-    """One `where -> spec` rule, resolved against the tree being placed."""
+    """One `where -> spec` rule, resolved against the tree being placed (also the base
+    of `treenn.labels`' rules)."""
 
-    __slots__ = ("where", "spec", "selection", "per_copy", "copies", "used")
+    __slots__ = ("where", "spec", "selection", "used")
 
-    def __init__(self, where: Any, spec: PartitionSpec, tree: Any, copies: _Copies):
+    def __init__(self, where: Any, spec: PartitionSpec, tree: Any):
         self.where = where
         self.spec = spec
+        self.selection: Selection | None = select(where, tree)
+        self.used: list[str] = []
+
+    def covers(self, path: str) -> bool:
+        return self.selection is None or self.selection.covers(path)
+
+    @property
+    def name(self) -> str:
+        return _rule_name(self.where)
+
+
+class _CopiesRule(_Rule):
+    """A rule applied within each copy of the model in a tree that is not a model itself:
+    to paths relative to the copy (a getter runs on each copy), or else to full paths."""
+
+    __slots__ = ("copies", "per_copy")
+
+    def __init__(self, where: Any, spec: PartitionSpec, tree: Any, copies: _Copies):
         self.copies = copies
         self.per_copy: dict[str, Selection | None] | None = None
-        self.selection: Selection | None = None
-        if copies.roots and _is_getter(where):
-            # A getter navigates the model: run it on each copy.
-            self.per_copy = {
-                root: select(where, _holed(copy)) for root, copy in copies.roots.items()
-            }
+        if _is_getter(where):  # a getter navigates the model: run it on each copy
+            self.where, self.spec, self.used, self.selection = where, spec, [], None
+            self.per_copy = {root: select(where, _holed(c)) for root, c in copies.roots.items()}
         else:
-            self.selection = select(where, tree)
-        self.used: list[str] = []
+            super().__init__(where, spec, tree)
 
     def covers(self, path: str) -> bool:
         root, inner = self.copies.locate(path)
@@ -93,10 +108,6 @@ class _Rule:
         if self.selection is None:
             return True
         return self.selection.covers(path) or (root is not None and self.selection.covers(inner))
-
-    @property
-    def name(self) -> str:
-        return _rule_name(self.where)
 
 
 @no_gc()
@@ -155,7 +166,10 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
         raise TypeError(f"shard: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     specs = _rule_specs(rules, mesh)
     copies = _Copies(model)
-    resolved = [_Rule(where, spec, model, copies) for where, spec in specs]
+    resolved = [
+        _CopiesRule(where, spec, model, copies) if copies.roots else _Rule(where, spec, model)
+        for where, spec in specs
+    ]
     kinds = placeholder_types()
     paths, leaves, treedef = flatten(model, by_type(lambda kind: issubclass(kind, kinds)))
     names = [dotted(p) for p in paths]
