@@ -747,6 +747,158 @@ CASES = [
         TypeError,
         CLASS,
     ),
+    # -- filter_spec, statuses, clear_caches ---------------------------------------------------
+    case("filter_spec/class-not-instance", lambda w: treenn.filter_spec(Net), TypeError, CLASS),
+    case(
+        "filter_spec/path-instead-of-model",
+        lambda w: treenn.filter_spec("head.**"),
+        TypeError,
+        SWAPPED,
+    ),
+    case("statuses/class-not-instance", lambda w: treenn.statuses(Net), TypeError, CLASS),
+    case(
+        "statuses/path-instead-of-model",
+        lambda w: treenn.statuses(str(w.ckpt)),
+        TypeError,
+        SWAPPED,
+    ),
+    case(
+        "clear_caches/given-a-model",  # it empties every cache; it takes nothing
+        lambda w: treenn.clear_caches(w.net),  # type: ignore[call-arg]
+        TypeError,
+        r"positional argument",
+    ),
+    # -- fine-tuning surgery and optimiser groups ----------------------------------------------
+    case(
+        "lora/class-not-instance",
+        lambda w: treenn.lora(Net, "head", rank=2, key=w.key),
+        TypeError,
+        CLASS,
+    ),
+    case(
+        "lora/arguments-swapped",
+        lambda w: treenn.lora("head", w.net, rank=2, key=w.key),  # type: ignore[arg-type]
+        TypeError,
+        SWAPPED,
+    ),
+    case(
+        "lora/selector-matches-nothing",
+        lambda w: treenn.lora(w.net, "neck", rank=2, key=w.key),
+        ValueError,
+        r"where='neck' matches no layer that takes a LoRA adapter .*available: "
+        r"'backbone\.layers\.0', 'backbone\.layers\.4', 'head'",
+    ),
+    case(
+        "lora/selection-without-adaptable-layer",
+        lambda w: treenn.lora(w.net, nn.BatchNorm, rank=2, key=w.key),
+        ValueError,
+        r"where=BatchNorm matches no layer that takes a LoRA adapter",
+    ),
+    case(
+        "lora/zero-rank",
+        lambda w: treenn.lora(w.net, "head", rank=0, key=w.key),
+        ValueError,
+        r"treenn\.lora: rank=0 must be an int >= 1",
+    ),
+    case(
+        "lora/missing-key",
+        lambda w: treenn.lora(w.net, "head", rank=2),  # type: ignore[call-arg]
+        TypeError,
+        r"'key'",
+    ),
+    case(
+        "lora/adapter-twice",
+        lambda w: treenn.lora(
+            treenn.lora(w.net, "head", rank=2, key=w.key), "head", rank=2, key=w.key
+        ),
+        ValueError,
+        r"treenn\.lora: 'head' already has a LoRA adapter .*treenn\.merge_lora",
+    ),
+    case("merge_lora/class-not-instance", lambda w: treenn.merge_lora(Net), TypeError, CLASS),
+    case(
+        "merge_lora/model-without-adapters",
+        lambda w: treenn.merge_lora(w.net),
+        ValueError,
+        r"treenn\.merge_lora: the model has no LoRA adapter",
+    ),
+    case(
+        "load_trainable/class-not-instance",
+        lambda w: treenn.load_trainable(w.ckpt, Net),
+        TypeError,
+        CLASS,
+    ),
+    case(
+        "load_trainable/arguments-swapped",
+        lambda w: treenn.load_trainable(w.net, w.ckpt),  # type: ignore[arg-type]
+        TypeError,
+        PARAM.format("path"),
+    ),
+    case(
+        "load_trainable/file-does-not-exist",
+        lambda w: treenn.load_trainable(w.folder / "missing.safetensors", w.net),
+        FileNotFoundError,
+        r"no checkpoint at '.*missing\.safetensors'",
+    ),
+    case(
+        "labels/class-not-instance",
+        lambda w: treenn.labels(Net, {"**": "all"}),
+        TypeError,
+        CLASS,
+    ),
+    case(
+        "labels/arguments-swapped",
+        lambda w: treenn.labels({"**": "all"}, w.net),  # type: ignore[arg-type]
+        TypeError,
+        PARAM.format("rules"),
+    ),
+    case(
+        "labels/rule-matches-nothing",
+        lambda w: treenn.labels(w.net, {"neck.**": "neck", "**": "rest"}),
+        ValueError,
+        r"treenn\.labels: rule 'neck\.\*\*' matches no array of the model",
+    ),
+    case(
+        "labels/trainable-array-unmatched",
+        lambda w: treenn.labels(w.net, {"head.**": "head"}),
+        ValueError,
+        r"treenn\.labels: no rule matches trainable array\(s\) 'backbone\.layers\.0\.weight'",
+    ),
+    case(
+        "labels/rule-shadowed",
+        lambda w: treenn.labels(w.net, {"**": "all", "head.**": "head"}),
+        ValueError,
+        r"treenn\.labels: rule 'head\.\*\*' is never used: .*earlier rule \('\*\*'\)",
+    ),
+    case(
+        "labels/label-not-a-string",
+        lambda w: treenn.labels(w.net, {"**": 1}),  # type: ignore[dict-item]
+        TypeError,
+        PARAM.format("rules"),
+    ),
+    case(
+        "labels/glob-syntax",
+        lambda w: treenn.labels(w.net, {"head[0]": "head", "**": "rest"}),
+        ValueError,
+        GLOB.format(r"head\[0\]", "unsupported character"),
+    ),
+    case(
+        "layer_decay/class-not-instance",
+        lambda w: treenn.layer_decay(Net, 0.75),
+        TypeError,
+        CLASS,
+    ),
+    case(
+        "layer_decay/model-outside-the-zoo",
+        lambda w: treenn.layer_decay(w.net, 0.75),
+        TypeError,
+        r"treenn\.layer_decay: knows treenn\.models\.VisionTransformer and ResNet, got Net",
+    ),
+    case(
+        "layer_decay/decay-out-of-range",
+        lambda w: treenn.layer_decay(models.resnet18(3, width=4, key=w.key), 1.5),
+        ValueError,
+        r"treenn\.layer_decay: decay=1\.5 must be in \(0, 1\]",
+    ),
     # -- checkpoints ---------------------------------------------------------------------------
     case(
         "save/folder-does-not-exist",
@@ -1423,9 +1575,10 @@ def test_fingerprint_sees_every_kind_of_change(world: World) -> None:
 
 # -- every public name has a row --------------------------------------------------------
 
-# Public names that are not functions to misuse: an exception, a result record, a type
-# alias, and the subpackages (whose names are covered one by one).
-NOT_CALLED = {"CheckpointError", "LoadReport", "Where", "models", "nn"}
+# Public names that are not functions to misuse: an exception, result records (`Labels`
+# comes from `treenn.labels`), a type alias, and the subpackages (whose names are covered
+# one by one).
+NOT_CALLED = {"CheckpointError", "LoadReport", "Labels", "Where", "models", "nn"}
 
 
 def _public(module: Any) -> set[str]:
