@@ -140,7 +140,7 @@ def gradual(model: ResNet, data: Data, steps: int, seed: int) -> tuple[ResNet, A
     opt_state, losses = None, []
     for i, (name, stage) in enumerate(phases):
         if i > 0:  # the stage trains, and its BatchNorm leaves the pinned eval mode
-            model = nn.unpin(treenn.unfreeze(model, stage), stage)
+            model = nn.train_mode(treenn.unfreeze(model, stage, unpin=True), stage)
             opt_state = treenn.migrate_opt_state(tx, opt_state, model)
         model, opt_state, phase_losses = train(
             model, data, steps // len(phases), f"gradual: {name}", seed + i, tx, opt_state
