@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from ._selectors import few, select
+from jax.sharding import PartitionSpec
+
+from ._selectors import few
 from ._sharding import _first_rule, _Rule
 from ._status import Status, is_array_leaf, status_of
 from ._tree import check_model, dotted, flatten, unflatten
@@ -83,10 +85,8 @@ class _LabelRule(_Rule):
     __slots__ = ()
 
     def __init__(self, where: Any, label: str, tree: Any):
-        self.where = where
+        super().__init__(where, PartitionSpec(), tree)
         self.spec = label  # type: ignore[assignment]
-        self.selection = select(where, tree)
-        self.used = []
 
 
 def _label_of(rule: _Rule) -> str:
