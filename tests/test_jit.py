@@ -549,6 +549,49 @@ def test_no_reference_to_inputs_or_outputs_after_the_call(key, x):
     assert [r for r in refs if r() is not None and r() is not x] == []
 
 
+def test_remembered_trees_are_forgotten_with_them(lin, x):
+    """The previous call's trees are recognised by identity without being kept alive:
+    an optimiser-state-like tuple (not weakly referable) included."""
+    f = treenn.jit(lambda m, s: (_bump(m), (s[0] + 1, _bump(s[1])), jnp.sum(m.weight)))
+    model, state = lin, (jnp.zeros(()), lin)
+    for i in range(3):
+        model, state, total = f(model, state)
+        np.testing.assert_allclose(state[0], i + 1.0)
+        np.testing.assert_allclose(total, jnp.sum(lin.weight) + 6.0 * i)
+    assert len(f._memo) >= 2  # the model and the state tuple, recognised next call
+    refs = [weakref.ref(a) for a in jax.tree.leaves((model, state))]
+    del model, state, total
+    gc.collect()
+    held = {id(a) for a in jax.tree.leaves(lin)}  # the fixture's bias, passed through
+    assert [r for r in refs if r() is not None and id(r()) not in held] == []
+    assert len(f._memo) == 0
+
+
+def test_threads_passing_their_own_models_back(lin):
+    f = treenn.jit(lambda m: eqx.tree_at(lambda m: m.bias, m, m.bias + 1.0))
+    errors: list[str] = []
+
+    def worker(i):
+        model = eqx.tree_at(lambda m: m.bias, lin, jnp.full(2, 100.0 * i))
+        for n in range(1, 201):
+            model = f(model)
+            if float(model.bias[0]) != 100.0 * i + n:
+                errors.append(f"thread {i} step {n}: {float(model.bias[0])}")
+                return
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+
+
 def test_weak_types_are_part_of_the_key():
     # As `jax.jit`: a weakly typed argument (a Python scalar turned array) is its own trace.
     cast = treenn.jit(lambda x: x.astype(jnp.float32))

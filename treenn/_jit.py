@@ -65,12 +65,14 @@ class _Structure:
     """One argument's tree structure and static leaves (`None` where an array goes).
     Interned per function, so that it is its own, identity-hashed, cache key."""
 
-    __slots__ = ("treedef", "statics", "immutable", "_fast")
+    __slots__ = ("treedef", "statics", "plan", "_fast")
 
     def __init__(self, treedef: Any, statics: tuple[Any, ...]):
         self.treedef = treedef
         self.statics = statics
-        self.immutable = _immutable(treedef)
+        # How to recognise a tree of this structure next call (`None`: flatten it).
+        plan = _plan(treedef, statics) if _immutable(treedef) else None
+        self.plan = None if plan is _ITEM or plan is _NONE else plan
         self._fast: Callable[[list[Any]], Any] | None = None
 
     def build_fast(self, arrays: list[Any]) -> Any:
@@ -111,46 +113,88 @@ def _immutable(treedef: Any) -> bool:
     return True
 
 
-_NONE: Any = object()  # guard of a `None` item
+# How a remembered tree is recognised (its *plan*, from its structure): `_ITEM` an array
+# leaf (any array fits: arrays are leaves), `_NONE` None, an int n a weakly referable node
+# (an Equinox module) with n arrays, `(type, items, sizes)` a tuple (immutable, not weakly
+# referable: it is its items), `None` not recognisable.
+_ITEM: Any = object()
+_NONE: Any = object()
 
 
-def _guard(x: Any, forget: Callable[[Any], None], depth: int = 0) -> Any:
-    """A weak proof of `x`'s identity: a weak reference to it, or for a tuple (not
-    weakly referable, but immutable: it is its items) its type and its items' guards.
-    `forget` is called when a referent dies. `None` when there is no such proof."""
-    if x is None:
+def _plan(treedef: Any, statics: tuple[Any, ...], depth: int = 0) -> Any:
+    data = treedef.node_data()
+    if data is None:
+        return _ITEM if statics[0] is None else None
+    kind = data[0]
+    if kind is type(None):
         return _NONE
-    try:
-        return weakref.ref(x, forget)
-    except TypeError:
-        pass
-    if isinstance(x, tuple) and depth < 8:
-        items = tuple(_guard(item, forget, depth + 1) for item in x)
-        if all(g is not None for g in items):
-            return (type(x), items)
+    if issubclass(kind, tuple) and depth < 8:
+        items, sizes, start = [], [], 0
+        for child in treedef.children():
+            part = statics[start : start + child.num_leaves]
+            item = _plan(child, part, depth + 1)
+            if item is None:
+                return None
+            items.append(item)
+            sizes.append(sum(1 for s in part if s is None))
+            start += child.num_leaves
+        return (kind, tuple(items), tuple(sizes))
+    if kind.__weakrefoffset__:
+        return sum(1 for s in statics if s is None)
     return None
 
 
-def _matches(guard: Any, x: Any) -> bool:
-    if type(guard) is weakref.ReferenceType:
-        return guard() is x
+class _Weak:
+    """A weakly referenced node of a remembered tree, and its arrays. The arrays are the
+    node's own: holding them while the node lives keeps nothing alive longer."""
+
+    __slots__ = ("ref", "arrays")
+
+    def __init__(self, ref: Any, arrays: list[Any]):
+        self.ref = ref
+        self.arrays = arrays
+
+
+def _guard(plan: Any, x: Any, arrays: list[Any], forget: Callable[[Any], None]) -> Any:
+    if type(plan) is int:
+        return _Weak(weakref.ref(x, forget), arrays)
+    if type(plan) is not tuple:
+        return plan  # _ITEM or _NONE
+    kind, items, sizes = plan
+    guards, start = [], 0
+    for item_plan, size, item in zip(items, sizes, x):
+        guards.append(_guard(item_plan, item, arrays[start : start + size], forget))
+        start += size
+    return (kind, tuple(guards))
+
+
+def _collect(guard: Any, x: Any, out: list[Any]) -> bool:
+    """Whether `x` is the remembered tree; its arrays are appended to `out`."""
+    if type(guard) is _Weak:
+        if guard.ref() is not x:
+            return False
+        out.extend(guard.arrays)
+        return True
+    if guard is _ITEM:
+        out.append(x)
+        return is_array(x)
     if guard is _NONE:
         return x is None
     kind, items = guard
-    return type(x) is kind and len(x) == len(items) and all(map(_matches, items, x))
+    if type(x) is not kind or len(x) != len(items):
+        return False
+    return all(_collect(g, item, out) for g, item in zip(items, x))
 
 
 class _Known:
     """A tree this function received or returned, recognised by identity next call.
+    It holds arrays only inside its weakly referenced nodes, and is dropped as soon as
+    one of them dies."""
 
-    It holds the tree's arrays, but only as long as the tree itself (or, for a tuple,
-    each of its items) is alive: the death of any of them drops the record."""
+    __slots__ = ("guard", "structure", "token")
 
-    __slots__ = ("guard", "arrays", "structure", "token")
-
-    def __init__(self, guard: Any, arrays: list[Any], structure: _Structure, token: object):
+    def __init__(self, guard: Any, structure: _Structure, token: object):
         self.guard = guard
-        self.arrays = arrays
         self.structure = structure
         self.token = token
 
@@ -282,12 +326,13 @@ class Jitted(Generic[_P, _R]):
                 key.append(_ARRAY)
                 continue
             hit = known.get(id(x))
-            if hit is not None and _matches(hit.guard, x):
+            arrays: list[Any] = []
+            if hit is not None and _collect(hit.guard, x, arrays):
                 memo[id(x)] = hit
-                arrays, structure = hit.arrays, hit.structure
+                structure = hit.structure
             else:
                 arrays, structure = self._split(x, args, kwargs)
-                if structure.immutable and not any(isinstance(a, _HOST) for a in arrays):
+                if structure.plan is not None and not any(isinstance(a, _HOST) for a in arrays):
                     self._remember(memo, x, structure, arrays)
             lists.append(arrays)
             key.append(structure)
@@ -311,9 +356,7 @@ class Jitted(Generic[_P, _R]):
                 if known is not None and known.token is token:
                     jitted._memo.pop(key, None)
 
-        guard = _guard(x, forget)
-        if guard is not None:
-            memo[key] = _Known(guard, arrays, structure, token)
+        memo[key] = _Known(_guard(structure.plan, x, arrays, forget), structure, token)
 
     def _split(
         self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -409,7 +452,7 @@ class Jitted(Generic[_P, _R]):
                 structure: _Structure | None = self._intern(part, statics)
             except TypeError:  # outputs may hold unhashable objects: just not remembered
                 structure = None
-            if structure is not None and not structure.immutable:
+            if structure is not None and structure.plan is None:
                 structure = None
             parts.append((part, start, end, structure, arrays))
             start = end
