@@ -449,10 +449,10 @@ CASES = [
         GLOB.format(r"backbone\.layers\[1\]", "unsupported character"),
     ),
     case(
-        "eval_mode/pin-a-foreign-layer",  # the treenn Dropout before it must not switch alone
-        lambda w: nn.eval_mode(w.mixed, pin=True),
+        "eval_mode/only-pinned-selection",  # issue 13: was a silent no-op
+        lambda w: nn.eval_mode(nn.train_mode(w.eqx_user, pin=True), "drop"),
         ValueError,
-        r"cannot pin equinox\.nn\._dropout\.Dropout at 'layers\.1': it has no `pinned` field",
+        r"selects only pinned modules \('drop'\).*pin=True.*nn\.unpin",
     ),
     case("train_mode/class-not-instance", lambda w: nn.train_mode(Net), TypeError, CLASS),
     case(
@@ -462,10 +462,10 @@ CASES = [
         NO_MODE.format("'backbone\\.layers\\.9'"),
     ),
     case(
-        "train_mode/pin-a-foreign-layer",
-        lambda w: nn.train_mode(w.eqx_user, "drop", pin=True),
+        "train_mode/only-pinned-selection",  # issue 13: was a silent no-op
+        lambda w: nn.train_mode(nn.eval_mode(w.net, "backbone.layers.1", pin=True), "backbone.layers.1"),
         ValueError,
-        r"cannot pin equinox\.nn\._dropout\.Dropout at 'drop'",
+        r"selects only pinned modules \('backbone\.layers\.1'\)",
     ),
     case("unpin/class-not-instance", lambda w: nn.unpin(Net), TypeError, CLASS),
     case(
