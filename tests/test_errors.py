@@ -463,7 +463,9 @@ CASES = [
     ),
     case(
         "train_mode/only-pinned-selection",  # issue 13: was a silent no-op
-        lambda w: nn.train_mode(nn.eval_mode(w.net, "backbone.layers.1", pin=True), "backbone.layers.1"),
+        lambda w: nn.train_mode(
+            nn.eval_mode(w.net, "backbone.layers.1", pin=True), "backbone.layers.1"
+        ),
         ValueError,
         r"selects only pinned modules \('backbone\.layers\.1'\)",
     ),
