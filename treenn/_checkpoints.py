@@ -142,11 +142,14 @@ def write_safetensors(path: PathLike, arrays: dict[str, Any], metadata: dict[str
 def _bytes_of(array: Any) -> np.ndarray:
     """`array`'s little-endian bytes, as a flat uint8 view where possible.
 
-    A device array is copied to a fresh host array first: `np.asarray` of a device array
-    would keep the host copy cached on the array, one per array, after `save` returns.
+    An array on an accelerator, or sharded over several devices, is gathered into a
+    fresh single-device host array first: `np.asarray` of it would keep its host copy
+    cached on the array after `save` returns, a second copy of the whole model.
     """
-    if isinstance(array, jax.Array) and any(d.platform != "cpu" for d in array.devices()):
-        array = jax.device_put(array, jax.devices("cpu")[0])
+    if isinstance(array, jax.Array):
+        devices = array.devices()
+        if len(devices) > 1 or next(iter(devices)).platform != "cpu":
+            array = jax.device_put(array, jax.devices("cpu")[0])
     host = np.ascontiguousarray(np.asarray(array)).reshape(-1)
     if host.dtype.byteorder == ">":
         host = host.astype(host.dtype.newbyteorder("<"))

@@ -19,6 +19,7 @@ Targets: `treenn.save` needs at most the largest array in extra host memory (str
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -96,9 +97,12 @@ def _rss(field: str) -> int:
 
 
 def child(size_mib: int, folder: str, name: str) -> None:
-    """Measure one candidate's peak extra memory (run in a fresh process)."""
+    """Measure one candidate's peak extra memory (run in a fresh process, where
+    `MALLOC_MMAP_THRESHOLD_` makes every large allocation its own mapping, returned to
+    the system when freed: the resident size then counts live memory only)."""
     model = make(size_mib)
     ops = candidates(Path(folder), model)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what model building freed, returned
     before = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (the peak) to the current resident size
@@ -120,6 +124,7 @@ def peak_extra(size_mib: int, folder: Path, name: str) -> int:
             "--folder",
             str(folder),
         ],
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)},
         capture_output=True,
         text=True,
         check=True,
