@@ -79,6 +79,12 @@ def groups(body_lr: float = 1e-3) -> optax.GradientTransformation:
 
 PARTITIONED = {
     "multi_transform": groups,
+    # The same groups by treenn.labels: it labels by path, so one optimiser serves
+    # every stage.
+    "treenn.labels": lambda: optax.multi_transform(
+        {"head": optax.adam(1e-2), "body": optax.adam(1e-3)},
+        treenn.labels(Small(key=jax.random.key(0)), {"head.**": "head", "**": "body"}),
+    ),
     "masked": lambda: optax.masked(
         optax.adam(1e-2), lambda p: jax.tree.map(lambda a: a.ndim > 1, p)
     ),
@@ -217,6 +223,12 @@ def test_polyak_sgd_gets_the_loss_and_the_gradient(regression):
         new, _, loss = treenn.train_step(mse, tx)(model, tx.init(treenn.trainable(model)), x, y)
     value, grads = treenn.value_and_grad(mse)(model, x, y)
     np.testing.assert_allclose(float(loss), float(value), rtol=1e-6)
+    with optax_promotion():  # with auxiliary output, value= is still the loss alone
+        new_aux, _, (loss_aux, aux) = treenn.train_step(
+            lambda m, x, y: (mse(m, x, y), "aux"), tx, has_aux=True
+        )(model, tx.init(treenn.trainable(model)), x, y)
+    assert float(loss_aux) == float(loss)
+    np.testing.assert_array_equal(new_aux.weight, new.weight)
     norm = float(jnp.sum(grads.weight**2) + jnp.sum(grads.bias**2))
     for name in ("weight", "bias"):
         expected = getattr(model, name) - float(value) / norm * getattr(grads, name)

@@ -10,7 +10,12 @@ from typing import Any
 import jax.numpy as jnp
 
 from ._selectors import few
-from ._transforms import combine, partition, trainable
+from ._transforms import (
+    _first_static_difference as first_static_difference,
+    combine,
+    partition,
+    trainable,
+)
 from ._tree import by_type, check_model, dotted, flatten, unflatten
 
 
@@ -135,7 +140,7 @@ def migrate_opt_state(tx: Any, opt_state: Any, model: Any) -> Any:
     if new_def != old_def:
         raise ValueError(
             "migrate_opt_state: opt_state does not fit tx.init(treenn.trainable(model)); "
-            + _difference(old_paths, old_leaves, new_paths, new_leaves)
+            + _difference(opt_state, fresh, (old_paths, old_leaves), (new_paths, new_leaves))
             + ". Pass the transform that made opt_state and the same model (any trainable set)"
         )
     merged = []
@@ -160,13 +165,19 @@ def _kind(x: Any) -> str:
     return f"{jnp.result_type(x)}{list(jnp.shape(x))}"
 
 
-def _difference(old_paths: list[Any], old: list[Any], new_paths: list[Any], new: list[Any]) -> str:
-    """The state arrays only one side has (placeholders left out: they say nothing)."""
-    have = {dotted(p) for p, x in zip(old_paths, old) if not is_placeholder(x)}
-    want = {dotted(p) for p, x in zip(new_paths, new) if not is_placeholder(x)}
+def _difference(opt_state: Any, fresh: Any, old: Any, new: Any) -> str:
+    """Where the two states differ: the state arrays only one side has (placeholders
+    left out: they say nothing), or else the first module or state type that differs."""
+    have = {dotted(p) for p, x in zip(*old) if not is_placeholder(x)}
+    want = {dotted(p) for p, x in zip(*new) if not is_placeholder(x)}
     parts = []
     if have - want:
         parts.append(f"state only in opt_state: {few(sorted(have - want), 5)}")
     if want - have:
         parts.append(f"state only in the new one: {few(sorted(want - have), 5)}")
-    return "; ".join(parts) or "the same state arrays, but other state types (another transform)"
+    if parts:
+        return "; ".join(parts)
+    static = first_static_difference(opt_state, fresh, "opt_state", "the new one")
+    if "same paths" in static:
+        return "the same state arrays, but other state types (another transform)"
+    return static
