@@ -300,8 +300,7 @@ def test_integer_and_non_array_leaves_never_trainable():
         "half": "trainable",
         "count": "static",
         "mask": "static",
-        "rate": "static",
-    }
+    }  # `rate`, a Python float, is no array: no entry (treenn.statuses)
     assert trainable_leaf_paths(model) == {"w", "half"}
     frozen = treenn.freeze(model)
     assert paths_with(frozen, "frozen") == {"w", "half"}

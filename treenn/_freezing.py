@@ -17,12 +17,14 @@ from ._tree import (
     STOP_FOREIGN,
     KeyPath,
     below,
+    by_type,
     check_model,
     dotted,
     dynamic_fields,
     flatten,
     holds_nothing,
     leaves,
+    map_stopped,
     no_gc,
     pruned,
     unflatten,
@@ -128,12 +130,41 @@ class _Report:
 def _set_frozen(model: Any, where: Any, frozen: bool) -> Any:
     check_model(model, "treenn.freeze" if frozen else "treenn.unfreeze")
     selection = select(where, model)
+    if selection is not None and selection.classes is not None:
+        new = _walk_classes(model, selection.classes, frozen)
+        if new is not None:
+            return new
     covers = None if selection is None else selection.covers
     report = _Report()
     new = _walk(model, covers, frozen, (), report)
     if covers is not None and not report.acted:
         raise no_match(where, "floating-point parameter array", report.parameters)
     return new
+
+
+_CLASS_STOPS: dict[Any, Any] = {}
+
+
+def _walk_classes(model: Any, classes: Any, frozen: bool) -> Any | None:
+    """`_walk` for a class selector, without paths: every instance is (un)frozen whole,
+    as with `where=None` (what it costs). `None` when it acted on nothing (the caller's
+    path walk then names the candidates in its error)."""
+    report = _Report()
+
+    def visit(_: Any, node: Any) -> Any:
+        if not isinstance(node, classes):
+            return node
+        new = _walk_shallow(node, None, frozen, (), report)
+        return _walk(node, None, frozen, (), report) if new is None else new
+
+    if isinstance(model, classes):
+        new = visit(None, model)
+    else:
+        stop = _CLASS_STOPS.get(classes)
+        if stop is None:
+            stop = _CLASS_STOPS[classes] = by_type(lambda kind: issubclass(kind, classes))
+        new = map_stopped(model, stop, visit, paths=False)
+    return new if report.acted else None
 
 
 # Where a walk stops: status marks, plain Equinox modules (their class is fitted to the
