@@ -62,7 +62,7 @@ def randomised(model, seed=0):
     params, rest = treenn.partition(model)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     new = [
-        rand(x.shape, seed=seed + i, scale=0.3) if isinstance(x, jax.Array) else x
+        rand(x.shape, seed=seed + i, scale=0.3).astype(x.dtype) if isinstance(x, jax.Array) else x
         for i, x in enumerate(leaves)
     ]
     return treenn.combine(jax.tree_util.tree_unflatten(treedef, new), rest)
@@ -192,6 +192,18 @@ def test_merge_matches_adapted_across_layers(layer, x, key):
     got = call(model)
     assert not np.allclose(got, call(base), atol=1e-3)
     close(call(treenn.merge_lora(model)), np.asarray(got), rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_layers(key):
+    layer = nn.Linear(4, 6, dtype=jnp.bfloat16, key=key)
+    model = randomised(treenn.lora(layer, None, rank=2, key=key))
+    assert model.lora_A.dtype == model.lora_B.dtype == jnp.bfloat16
+    x = X.astype(jnp.bfloat16)
+    y = model(x)
+    assert y.dtype == jnp.bfloat16
+    merged = treenn.merge_lora(model)
+    assert merged.weight.dtype == jnp.bfloat16
+    close(merged(x), np.asarray(y, np.float32), rtol=2e-2, atol=2e-2)
 
 
 # -- misuse ---------------------------------------------------------------------------
