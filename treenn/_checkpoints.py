@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ._modes import modes as modes_of, pinned as pinned_of, with_mode
+from ._modes import mode_of, with_mode
 from ._selectors import few
 from ._status import (
     Buffer,
@@ -463,11 +463,7 @@ def _is_scalar(leaf: Any) -> bool:
 def _mode_paths(model: Any) -> set[str]:
     """Dotted paths of the `inference` fields of mode-bearing modules: the metadata's
     modes carry them, not the scalars."""
-    return {
-        (f"{dotted(p)}.inference" if p else "inference")
-        for p, m, _ in modules(model)
-        if m is not None and is_mode_bearing(m)
-    }
+    return {(f"{dotted(p)}.inference" if p else "inference") for p, _ in _modal(model)}
 
 
 def _scalar_record(value: bool | int | float) -> dict[str, str | bool]:
@@ -559,8 +555,10 @@ def save(path: PathLike, model: Any) -> None:
             f"cannot save: {few(sorted(scalars.keys() & arrays.keys()))} name both an array "
             "and a Python scalar"
         )
-    pins = pinned_of(model)
-    modes = {p: {"inference": v, "pinned": pins[p]} for p, v in modes_of(model).items()}
+    modes = {}
+    for p, module in _modal(model):
+        inference, pinned = mode_of(module)
+        modes[dotted(p)] = {"inference": inference, "pinned": pinned}
     meta = {
         "frozen": frozen,
         "buffers": buffers,
@@ -870,12 +868,29 @@ def _valid_metadata(meta: Any, *, scalars: bool) -> bool:
     )
 
 
+def _has_mode(module: Any) -> bool:
+    # An optimiser state's copy of a mode-bearing module holds `None` (trainable()
+    # leaves no bool): it has no mode to save or restore.
+    return state_of(module).get("inference") is not None
+
+
+def _modal(model: Any) -> list[tuple[Any, Any]]:
+    """`(path, module)` of every mode-bearing module holding a mode."""
+    return [
+        (p, m)
+        for p, m, _ in modules(model)
+        if m is not None and is_mode_bearing(m) and _has_mode(m)
+    ]
+
+
 def _restore_modes(file: SafetensorsFile, model: Any, modes: dict[str, dict[str, bool]]) -> Any:
     """The file's modes and pins on the model's mode-bearing modules, which must be the
     file's: a name that matches nothing is an error."""
     seen = set()
 
     def restore(p: Any, module: Any) -> Any:
+        if not _has_mode(module):
+            return module
         name = dotted(p)
         seen.add(name)
         if name not in modes:
