@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> Verdicts:
         print(
             f"{'':16}with a path selector: eval_mode 'blocks.*.dropout' "
             f"{r['eval_mode path']:.2f} ms ({r['eval_mode path'] / r['flatten']:.2f}x flatten), "
-            f"freeze '**.weight' {r['freeze path']:.2f} ms "
+            f"freeze '**.bias' {r['freeze path']:.2f} ms "
             f"({r['freeze path'] / r['flatten']:.2f}x flatten)"
         )
     verdicts = Verdicts(smoke=args.tiny)
