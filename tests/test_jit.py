@@ -805,7 +805,7 @@ def test_jit_preserves_the_signature_for_mypy(tmp_path):
     lines = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if ": " in line]
     assert lines[:3] == [
         'note: Revealed type is "jax._src.basearray.Array"',
-        'note: Revealed type is "builtins.str"',
+        'note: Revealed type is "str"',
         'note: Revealed type is "jax._src.basearray.Array"',
     ], result.stdout
     errors = [line for line in lines if line.startswith("error")]

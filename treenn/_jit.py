@@ -11,12 +11,14 @@ by type and value as `jax.jit` compares static arguments. Per call:
    arrays is cached per tuple of structures. An argument this function returned (or
    received) on its previous call, the model and optimiser state of a training loop, is
    recognised by identity and not flattened again. The recognition holds only weak
-   references (to the object, or to the items of a tuple, and to its arrays): it never
-   keeps anything alive, and a dead reference just means flattening again;
+   references to the tree's Equinox modules (a tuple, such as an optimiser state, is
+   recognised by its items), holds arrays only inside those modules, and is dropped when
+   one of them dies: it never keeps anything alive;
 3. the compiled function returns its computed arrays together with a description of its
    output as static pytree data, so JAX's own cache hands every call the description of
    the very trace it ran (shapes, dtypes, weak types, shardings: whatever `jax.jit`
-   keys on), and no call or thread can see another's;
+   keys on), and no call or thread can see another's. Outputs are rebuilt by code
+   generated once per structure (`_fastbuild`), after the computation was dispatched;
 4. an output array that is an input array unchanged (a frozen weight) is not an output of
    the computation: the input array itself is put back in its place, saving the copy
    `jax.jit` would make of it every call.
