@@ -150,7 +150,7 @@ def np64(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _is_array(x: Any) -> bool:
+def is_array(x: Any) -> bool:
     """An array, concrete or abstract; not a mode, number or function. (`jax.eval_shape`
     turns Python bools such as `inference` into bool scalars: those are modes too.)"""
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
@@ -163,7 +163,7 @@ def named(tree: Any) -> dict[str, Any]:
     what `state_dict()` would list)."""
     out = {}
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        if _is_array(x):
+        if is_array(x):
             parts = [jax.tree_util.keystr((k,), simple=True) for k in path]
             out[".".join(p for p in parts if p)] = x
     return out

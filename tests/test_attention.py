@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import named, rand
+from conftest import is_array, named, rand
 from jaxtyping import TypeCheckError
 
 import treenn
@@ -39,7 +39,10 @@ def randomized(model: Any, seed: int = 0) -> Any:
     """`model` with every array redrawn (nonzero biases: the zero init hides nothing)."""
     leaves, treedef = jax.tree_util.tree_flatten(model)
     rng = np.random.default_rng(seed)
-    new = [jnp.asarray(rng.standard_normal(x.shape) * 0.5, x.dtype) for x in leaves]
+    new = [
+        jnp.asarray(rng.standard_normal(x.shape) * 0.5, x.dtype) if is_array(x) else x
+        for x in leaves  # modes (bool leaves) stay
+    ]
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
@@ -334,10 +337,12 @@ def test_mha_fully_masked_rows_give_zero_attention(key: jax.Array) -> None:
     # Gradients stay finite on both paths, with both kinds of fully masked rows.
     masks = {"key_padding_mask": jnp.asarray(kpm), "attn_mask": jnp.asarray(fmask)}
 
-    @jax.jit
+    @eqx.filter_jit
     def grads(model: MultiheadAttention) -> tuple[Any, Any]:
-        fused = jax.grad(lambda mdl: jnp.sum(mdl(q, kv, **masks)))(model)
-        explicit = jax.grad(lambda mdl: jnp.sum(mdl(q, kv, **masks, need_weights=True)[0]))(model)
+        fused = treenn.grad(lambda mdl: jnp.sum(mdl(q, kv, **masks)))(model)
+        explicit = treenn.grad(lambda mdl: jnp.sum(mdl(q, kv, **masks, need_weights=True)[0]))(
+            model
+        )
         return fused, explicit
 
     fused, explicit = grads(m)
@@ -403,7 +408,7 @@ def test_paths_agree_in_bfloat16(key: jax.Array) -> None:
     shapes = eqx.filter_eval_shape(MultiheadAttention, E, HEADS, dtype=jnp.bfloat16, key=key)
     assert {v.dtype for v in named(shapes).values()} == {jnp.dtype(jnp.bfloat16)}
     m = MultiheadAttention(E, HEADS, key=key)
-    m = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), m)
+    m = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if is_array(x) else x, m)
     m = eval_mode(randomized(m))
     q = rand((2, L, E), 1).astype(jnp.bfloat16)
     mask = jnp.asarray(np.triu(np.ones((L, L), np.float32), 1) * -1.5)
@@ -423,9 +428,9 @@ def test_mha_under_jit_and_grad(key: jax.Array) -> None:
         explicit, _ = model(q, kv, need_weights=True)
         return jnp.mean(fused**2) + jnp.mean(explicit**2)
 
-    value, grads = treenn.jit(jax.value_and_grad(loss))(m, q, kv)
+    value, grads = treenn.jit(treenn.value_and_grad(loss))(m, q, kv)
     assert set(named(grads)) == set(named(m))
-    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+    assert all(np.isfinite(np.asarray(g)).all() for g in named(grads).values())
     want = 2 * jnp.mean(m(q, kv) ** 2)
     np.testing.assert_allclose(float(value), float(want), rtol=1e-5)
 
