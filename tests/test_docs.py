@@ -61,14 +61,14 @@ def blocks(page: str) -> list[tuple[int, str, str | None]]:
     while i < len(lines):
         if lines[i].strip() == "```python":
             indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-            start = i + 1
+            start = i + 1  # index of the code's first line; its line number is start + 1
             j = start
             while lines[j].strip() != "```":
                 j += 1
             code = "\n".join(line[len(indent) :] for line in lines[start:j])
             before = [line.strip() for line in lines[:i] if line.strip()]
             mark = SKIP_MARK.match(before[-1]) if before else None
-            out.append((start, code + "\n", mark[1] if mark else None))
+            out.append((start + 1, code + "\n", mark[1] if mark else None))
             i = j
         i += 1
     return out

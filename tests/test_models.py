@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import optax_promotion, paths_with
+from conftest import is_array, optax_promotion, paths_with
 
 import treenn
 import treenn.nn as nn
@@ -22,8 +22,8 @@ def parameter_count(factory, **kwargs) -> int:
     shapes = jax.eval_shape(lambda k: factory(key=k, **kwargs), jax.random.key(0))
     # `statuses` lists the arrays in the model's leaf order, as `tree_leaves` does.
     kinds = treenn.statuses(shapes).values()
-    leaves = [x for x in jax.tree_util.tree_leaves(shapes) if hasattr(x, "shape")]
-    counted = ("trainable", "frozen")  # not buffers, nor the modes (bool leaves: "static")
+    leaves = [x for x in jax.tree_util.tree_leaves(shapes) if is_array(x)]
+    counted = ("trainable", "frozen")  # not buffers nor integer arrays
     return sum(math.prod(x.shape) for s, x in zip(kinds, leaves, strict=True) if s in counted)
 
 
