@@ -93,7 +93,10 @@ def test_vit_paths_follow_timm():
         assert path in paths
 
 
-@pytest.mark.parametrize("factory", [models.resnet18, models.resnet34, models.resnet50])
+@pytest.mark.parametrize(
+    "factory",
+    [models.resnet18, models.resnet34, pytest.param(models.resnet50, marks=pytest.mark.slow)],
+)
 def test_resnet_forward_shapes(factory):
     model = small_resnet(factory)
     logits, _ = treenn.apply(model, jnp.ones((2, 8, 8, 3)))
@@ -107,6 +110,7 @@ def test_resnet_imagenet_stem_downsamples_by_32():
     assert logits.shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_vit_forward_shapes_and_image_size_check():
     model = nn.eval_mode(small_vit())
     assert model(jnp.ones((2, 8, 8, 3))).shape == (2, 5)
@@ -139,6 +143,7 @@ def train(model, x, y, steps=8):
     return model, losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [small_resnet, lambda: small_vit(drop_path_rate=0.1)])
 def test_a_few_training_steps_reduce_the_loss(make):
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import treenn
 import treenn.nn as nn
@@ -18,6 +19,7 @@ def python_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
 
 
+@pytest.mark.slow
 def test_quick_start_runs(tmp_path, monkeypatch):
     quick_start = next(b for b in python_blocks() if "class Net(treenn.Module)" in b)
     monkeypatch.chdir(tmp_path)
