@@ -333,6 +333,9 @@ def _resume(path: Path, seed: int) -> dict[str, Any]:
 
 def _bits(tree: Any) -> Iterator[tuple[str, bytes]]:
     for leaf in jax.tree.leaves(tree):
+        if not hasattr(leaf, "dtype"):  # a Python scalar (a module's `inference` flag)
+            yield type(leaf).__name__, repr(leaf).encode()
+            continue
         if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
         array = np.asarray(leaf)
