@@ -264,6 +264,15 @@ def test_a_rule_that_matches_nothing_in_the_model_still_fails_for_its_state(net,
             treenn.shard(tree, mesh, rules)
 
 
+def test_a_dict_of_models_keeps_full_paths(net, mesh):
+    """Copy-relative matching is for optimiser states: in a dict of two models, a rule
+    written for one model's paths without its key matches nothing."""
+    with pytest.raises(ValueError, match=r"shard: rule 'head\.\*' matches no array"):
+        treenn.shard({"a": net, "b": net}, mesh, {"head.*": P("model"), "**": P()})
+    placed = treenn.shard({"a": net, "b": net}, mesh, {"a.head.*": P("model"), "**": P()})
+    assert specs(placed)["a.head.weight"] == P("model") and specs(placed)["b.head.weight"] == P()
+
+
 def test_a_batch_keeps_the_unused_rule_check(mesh):
     batch = {"image": jnp.ones((2, 3)), "label": jnp.ones(2)}
     with pytest.raises(ValueError, match=r"shard: rule 'images' matches no array"):

@@ -35,13 +35,14 @@ Rules: TypeAlias = "PartitionSpec | Mapping[Any, Any] | None"
 
 
 class _Copies:
-    """The copies of a model inside a tree that is not a model itself: each outermost
-    module, by dotted path (an optimiser state's `0.mu` and `0.nu`, the parts of a
-    `(model, opt_state)` pair). Rules apply within each copy as they do to the model."""
+    """The copies of a model inside an optimiser state, or a tree holding one: each
+    outermost module, by dotted path (a state's `0.mu` and `0.nu`, the parts of a
+    `(model, opt_state)` pair). Rules apply within each copy as they do to the model.
+    (Other trees keep full paths: in a dict of models, `"a.**"` means the model `a`.)"""
 
     def __init__(self, tree: Any):
         self.roots: dict[str, Any] = {}
-        if not is_module(tree):
+        if not is_module(tree) and _holds_optax(tree):
             paths, leaves, _ = flatten(tree, STOP_MODULE)
             self.roots = {dotted(p): x for p, x in zip(paths, leaves) if is_module(x)}
 
@@ -137,10 +138,9 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
 
     The moments of an optimiser state created afterwards (`tx.init(treenn.trainable(
     model))`) follow their parameters' sharding; place the state with the same rules to
-    put the rest (a step count) on the mesh too. In a tree that is not a model itself
-    (an optimiser state, a `(model, opt_state)` pair) the rules apply within each copy
-    of a model it holds (each outermost module: `0.mu`, `0.nu`), as they do to the
-    model: `"blocks.*.attn.qkv.weight"`, classes and getters match
+    put the rest (a step count) on the mesh too. In an optimiser state, or a tree that
+    holds one (a `(model, opt_state)` pair), the rules apply within each copy of a model
+    it holds (each outermost module: `0.mu`, `0.nu`), as they do to the model: `"blocks.*.attn.qkv.weight"`, classes and getters match
     `0.mu.blocks.0.attn.qkv.weight`; what lies outside every copy (a step count) is
     matched by its own path (`"**"`). A rule counts as used when it selects an array or
     the place a state keeps for a parameter without state (a frozen array or a buffer:
@@ -379,13 +379,16 @@ def _is_optax_type(kind: type) -> bool:
 _STOP_OPTAX = by_type(_is_optax_type)
 
 
+def _holds_optax(tree: Any) -> bool:
+    """Whether the tree is, or holds, an optax state."""
+    _, leaves, _ = flatten(tree, _STOP_OPTAX)
+    return any(_is_optax_type(type(x)) for x in leaves)
+
+
 def _mirrors_no_model(tree: Any) -> bool:
     """An optimiser state without a module inside: nothing in it says what the model's
     rules should match (SGD's `EmptyState`s, `inject_hyperparams`' scalars)."""
-    if _holds_module(tree):
-        return False
-    _, leaves, _ = flatten(tree, _STOP_OPTAX)
-    return any(_is_optax_type(type(x)) for x in leaves)
+    return not _holds_module(tree) and _holds_optax(tree)
 
 
 def _holds_module(tree: Any) -> bool:
