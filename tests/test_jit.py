@@ -760,7 +760,7 @@ def test_unhashable_static_leaf_error_names_its_path(x):
         treenn.jit(lambda x, d: x)(x, {"names": {"a"}})
 
 
-TYPED = '''
+TYPED = """
 import jax
 import jax.numpy as jnp
 import treenn
@@ -786,7 +786,7 @@ reveal_type(Net(jnp.ones(2))(jnp.ones(2)))
 f(jnp.ones(2), "three")
 f(jnp.ones(2), 3, scal=2.0)
 Net(jnp.ones(2))(jnp.ones(2), 1)
-'''
+"""
 
 
 @pytest.mark.slow

@@ -411,7 +411,8 @@ class Jitted(Generic[_P, _R]):
 
         def flat(*lists: list[Any]) -> tuple[list[Any], _Out]:
             objects = [
-                arrays[0] if s is _ARRAY else s.build(arrays) for s, arrays in zip(structures, lists)
+                arrays[0] if s is _ARRAY else s.build(arrays)
+                for s, arrays in zip(structures, lists)
             ]
             call = fn if static_fn else objects[-1]
             out = call(*objects[:n_args], **(objects[n_args] if has_kwargs else {}))
@@ -458,7 +459,9 @@ class Jitted(Generic[_P, _R]):
                 structure = None
             parts.append((part, start, end, structure, arrays))
             start = end
-        description = _Out(tuple(template), tuple(positions), tuple(forwarded), tuple(parts), is_tuple)
+        description = _Out(
+            tuple(template), tuple(positions), tuple(forwarded), tuple(parts), is_tuple
+        )
         return computed, description
 
     def _check_donation(

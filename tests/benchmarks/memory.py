@@ -26,7 +26,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import optax
 from _harness import Verdicts, header
 from dispatch import MLP, mse
@@ -101,7 +100,9 @@ def measure(kind: str, width: int, depth: int, steps: int) -> dict[str, float]:
     x = jax.random.normal(jax.random.fold_in(key, 1), (32, width))
     y = jax.random.normal(jax.random.fold_in(key, 2), (32, width))
     base = live_bytes()
-    make_state, make_step = (treenn_state, treenn_step) if kind == "treenn" else (eqx_state, eqx_step)
+    make_state, make_step = (
+        (treenn_state, treenn_step) if kind == "treenn" else (eqx_state, eqx_step)
+    )
     model, opt = make_state(MLP(width, depth, key=key), tx)
     step = make_step(tx)
     held = live_bytes() - base  # the model and the optimiser state: what the user holds
