@@ -36,6 +36,31 @@ def register(cache: _C) -> _C:
     return cache
 
 
+class Cache(dict):  # type: ignore[type-arg]
+    """A registered, bounded dict cache: emptied (back to its `seed` entries) by
+    `treenn.clear_caches()`, and when it would grow past `maxsize` entries, so that a
+    program that keeps meeting new types or structures cannot grow it without end.
+    Lookups are plain `dict` lookups; only a miss pays for the bound."""
+
+    def __init__(self, seed: Any = (), *, maxsize: int = 4096):
+        super().__init__(seed)
+        self._seed = dict(self)
+        self.maxsize = maxsize
+        register(self)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if len(self) >= self.maxsize:
+            self.clear()
+        super().__setitem__(key, value)
+
+    def clear(self) -> None:
+        super().clear()
+        self.update(self._seed)
+
+    # `dict` subclasses hash by identity here: registered in a WeakSet.
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+
 def clear_caches() -> None:
     """Empty every cache treenn keeps: `treenn.jit`'s compiled functions and the
     per-type and per-structure tables of its tree helpers. As `eqx.clear_caches()`, best

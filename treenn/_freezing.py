@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from ._caches import Cache
 from ._modes import eval_mode, mode_bearing, unpin_selected
 from ._module import fit_class, fitted_class
 from ._selectors import Selection, Where, no_match, select
@@ -142,7 +143,7 @@ def _set_frozen(model: Any, where: Any, frozen: bool) -> Any:
     return new
 
 
-_CLASS_STOPS: dict[Any, Any] = {}
+_CLASS_STOPS: dict[Any, Any] = Cache()
 
 
 def _walk_classes(model: Any, classes: Any, frozen: bool) -> Any | None:
@@ -231,7 +232,7 @@ def _value_kind(value: Any) -> int:
 
 
 # Module class -> (dynamic field names, class when holding marks, class when not).
-_PLANS: dict[type, tuple[tuple[str, ...], type, type]] = {}
+_PLANS: dict[type, tuple[tuple[str, ...], type, type]] = Cache()
 
 
 def _plan(kind: type) -> tuple[tuple[str, ...], type, type]:

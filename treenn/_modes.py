@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections.abc as abc
 from typing import Any, TypeVar
 
+from ._caches import Cache
 from ._module import fit_class, is_foreign_type
 from ._selectors import Where, describe, few, no_match, select
 from ._status import Pinned
@@ -191,7 +192,7 @@ def mode_bearing(model: Any) -> list[tuple[str, Any]]:
     return [(dotted(path), module) for path, module in found]
 
 
-_CLASS_STOPS: dict[Any, abc.Callable[[Any], bool]] = {}
+_CLASS_STOPS: dict[Any, abc.Callable[[Any], bool]] = Cache()
 
 
 def _class_stop(classes: Any) -> abc.Callable[[Any], bool]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 
+from ._caches import Cache
 from ._status import ALL_MARKS, holds_mark, unwrapped
 
 _get = object.__getattribute__
@@ -104,7 +105,7 @@ def original_class(kind: type) -> type:
     return _ORIGINAL.get(kind, kind)
 
 
-_FITTED: dict[tuple[type, bool], type] = {}
+_FITTED: dict[tuple[type, bool], type] = Cache()
 
 
 def fitted_class(cls: type, marked: bool) -> type:

@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 
 import equinox as eqx
 
+from ._caches import Cache
 from ._status import is_array_leaf, unmarked
 from ._tree import by_type, dotted, flatten
 
@@ -110,7 +111,7 @@ def _prefixes(where: Any, selected: set[str]) -> Selection:
     return Selection(where, covers)
 
 
-_INSTANCE_STOPS: dict[Any, Any] = {}
+_INSTANCE_STOPS: dict[Any, Any] = Cache()
 
 
 def _classes(where: type | tuple[type, ...], tree: Any) -> Selection:

@@ -23,6 +23,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
 
+from ._caches import Cache
+
 
 class Status(enum.Enum):
     """What an array leaf is to the optimiser."""
@@ -135,7 +137,7 @@ ALL_MARKS: frozenset[type] = frozenset({Frozen, Buffer, Pinned})
 ARRAY_TYPES: tuple[type, ...] = (jax.Array, np.ndarray, np.generic)
 
 
-_IS_ARRAY: dict[type, bool] = {}
+_IS_ARRAY: dict[type, bool] = Cache()
 
 
 def is_array(x: Any) -> bool:
@@ -176,8 +178,12 @@ def marked_like(leaf: Any, value: Any) -> Any:
 # -- what user code sees -----------------------------------------------------------
 
 _LEAF, _MARK, _MODULE, _CONTAINER = range(4)
-_KIND: dict[type, int] = {kind: _MARK for kind in ALL_MARKS}
-_KIND.update({tuple: _CONTAINER, list: _CONTAINER, dict: _CONTAINER, type(None): _LEAF})
+_KIND: dict[type, int] = Cache(
+    {
+        **{kind: _MARK for kind in ALL_MARKS},
+        **{tuple: _CONTAINER, list: _CONTAINER, dict: _CONTAINER, type(None): _LEAF},
+    }
+)
 
 
 def _kind(value: Any) -> int:
@@ -238,7 +244,7 @@ def unwrapped(value: Any) -> Any:
 
 # -- status ---------------------------------------------------------------------------
 
-_INEXACT: dict[Any, bool] = {}
+_INEXACT: dict[Any, bool] = Cache()
 
 
 def is_inexact(dtype: Any) -> bool:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import jax
 import jax.tree_util as jtu
 
+from ._caches import Cache
 from ._selectors import few
 from ._status import ARRAY_TYPES, Pinned, Status, status_of
 from ._tree import (
@@ -34,7 +35,7 @@ def _is_none(x: Any) -> bool:
 # pin is one non-trainable leaf and the trainable half's structure ignores it.
 _PARTS = by_type(lambda kind: kind is type(None) or kind is Pinned)
 
-_CANONICAL: dict[Any, Any] = {}
+_CANONICAL: dict[Any, Any] = Cache(maxsize=1024)
 
 
 def _canonical(treedef: Any) -> Any:
@@ -44,8 +45,6 @@ def _canonical(treedef: Any) -> Any:
     what is frozen or pinned elsewhere in a module, nor on modes. Cached per structure."""
     canonical = _CANONICAL.get(treedef)
     if canonical is None:
-        if len(_CANONICAL) > 1024:
-            _CANONICAL.clear()
         template = treedef.unflatten([None] * treedef.num_leaves)
         canonical = _CANONICAL[treedef] = leaves(fit_classes(template), _PARTS)[1]
     return canonical

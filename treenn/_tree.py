@@ -20,6 +20,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
+from ._caches import Cache
 from ._module import fit_class, is_foreign_type
 from ._status import MARK_TYPES, MarkKey, Pinned
 
@@ -114,7 +115,7 @@ def check_model(model: Any, fn: str, name: str = "model") -> None:
 
 # -- modules ------------------------------------------------------------------------
 
-_FIELDS: dict[type, frozenset[str]] = {}
+_FIELDS: dict[type, frozenset[str]] = Cache()
 
 
 def field_names(cls: type) -> frozenset[str]:
@@ -205,7 +206,7 @@ def no_gc() -> Iterator[None]:
                 gc.enable()
 
 
-_DYNAMIC_FIELDS: dict[type, tuple[str, ...]] = {}
+_DYNAMIC_FIELDS: dict[type, tuple[str, ...]] = Cache()
 
 
 def dynamic_fields(kind: type) -> tuple[str, ...]:
@@ -218,7 +219,7 @@ def dynamic_fields(kind: type) -> tuple[str, ...]:
     return names
 
 
-_STATIC_FIELDS: dict[type, tuple[str, ...]] = {}
+_STATIC_FIELDS: dict[type, tuple[str, ...]] = Cache()
 
 
 def static_fields(kind: type) -> tuple[str, ...]:
@@ -231,9 +232,8 @@ def static_fields(kind: type) -> tuple[str, ...]:
     return names
 
 
-_HOLDS_NOTHING: dict[type, bool] = {kind: True for kind in MARK_TYPES}
-_HOLDS_NOTHING[type(None)] = True
-_HOLDS_NOTHING[Pinned] = True  # a pin holds one bool
+# Marks and `None` hold nothing to walk into; a pin holds one bool.
+_HOLDS_NOTHING: dict[type, bool] = Cache({kind: True for kind in (*MARK_TYPES, type(None), Pinned)})
 
 
 def holds_nothing(value: Any) -> bool:
@@ -265,7 +265,7 @@ def inert(module: Any) -> bool:
     return True
 
 
-_PRUNED: dict[Stop, Stop] = {}
+_PRUNED: dict[Stop, Stop] = Cache()
 
 
 def pruned(stop: Stop) -> Stop:

@@ -10,7 +10,6 @@ the same draws are traced instead: the same key gives the same parameters either
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
+
+from .._caches import Cache
 
 _SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "uniform": lambda key, shape: jax.random.uniform(key, shape),
@@ -30,10 +31,16 @@ _SAMPLERS: dict[str, Callable[..., jax.Array]] = {
 _CHUNK = 1 << 16
 
 
-@functools.cache
+_COMPILED: dict[str, Callable[[Any, Any], jax.Array]] = Cache()
+
+
 def _sampler(kind: str) -> Callable[[Any, Any], jax.Array]:
-    draw = _SAMPLERS[kind]
-    return jax.jit(lambda key, i: draw(jax.random.fold_in(key, i), (_CHUNK,)))
+    sampler = _COMPILED.get(kind)
+    if sampler is None:
+        draw = _SAMPLERS[kind]
+        sampler = jax.jit(lambda key, i: draw(jax.random.fold_in(key, i), (_CHUNK,)))
+        _COMPILED[kind] = sampler
+    return sampler
 
 
 def sample(

@@ -1,0 +1,54 @@
+"""`treenn.clear_caches()` empties every per-type and per-structure table treenn keeps,
+and those tables stay bounded however many new classes a program meets."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import treenn
+import treenn.nn as nn
+from treenn import _caches
+
+
+def _cached_entries() -> int:
+    return sum(len(c) for c in [*_caches._WEAK, *_caches._STRONG] if isinstance(c, dict))
+
+
+def _fresh_class(i: int) -> type:
+    # A new Equinox class per call: what a program defining classes in a loop meets.
+    return type(f"Block{i}", (eqx.Module,), {"__annotations__": {"w": jax.Array}})
+
+
+def test_clear_caches_empties_the_tree_helpers_tables():
+    model = nn.Sequential(nn.Linear(2, 3, key=jax.random.key(0)), nn.Dropout(0.5))
+    model = nn.eval_mode(treenn.freeze(model, nn.Linear), nn.Dropout)
+    treenn.summary(model)
+    treenn.clear_caches()
+    seeded = _cached_entries()
+    treenn.summary(nn.train_mode(treenn.unfreeze(model, "**.bias")))
+    assert _cached_entries() > seeded
+    treenn.clear_caches()
+    assert _cached_entries() == seeded
+    # Everything still works from empty tables, and gives the same answers.
+    again = nn.eval_mode(treenn.freeze(model, nn.Linear), nn.Dropout)
+    assert treenn.statuses(again) == treenn.statuses(model)
+    assert nn.modes(again) == nn.modes(model)
+
+
+def test_per_type_tables_are_bounded():
+    limit = max(c.maxsize for c in _caches._WEAK if isinstance(c, _caches.Cache))
+    for i in range(limit + 50):
+        module = _fresh_class(i)(w=jnp.zeros(2))  # type: ignore[call-arg]
+        treenn.freeze(module)
+    assert all(len(c) <= c.maxsize for c in _caches._WEAK if isinstance(c, _caches.Cache))
+
+
+def test_cache_keeps_its_seed_entries():
+    cache = _caches.Cache({"seed": 1}, maxsize=3)
+    cache["a"], cache["b"] = 2, 3
+    cache["c"] = 4  # full: emptied back to its seed first
+    assert dict(cache) == {"seed": 1, "c": 4}
+    treenn.clear_caches()
+    assert dict(cache) == {"seed": 1}
