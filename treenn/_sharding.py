@@ -132,7 +132,8 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
     **Returns:** the tree with each array on `NamedSharding(mesh, spec)`. Raises
     `ValueError` naming the path when an array is left unmatched, when a spec has more
     entries than the array has dimensions or a dimension is not divisible by its mesh
-    axes, when a rule selects no array or only arrays an earlier rule placed, or when it
+    axes, when a rule selects nothing (no array, no place of one: below) or only what an
+    earlier rule placed, or when it
     names an axis the mesh lacks; `TypeError` for a rule value that is not a
     `PartitionSpec`.
 
@@ -140,7 +141,8 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
     model))`) follow their parameters' sharding; place the state with the same rules to
     put the rest (a step count) on the mesh too. In an optimiser state, or a tree that
     holds one (a `(model, opt_state)` pair), the rules apply within each copy of a model
-    it holds (each outermost module: `0.mu`, `0.nu`), as they do to the model: `"blocks.*.attn.qkv.weight"`, classes and getters match
+    it holds (each outermost module: `0.mu`, `0.nu`), as they do to the model:
+    `"blocks.*.attn.qkv.weight"`, classes and getters match
     `0.mu.blocks.0.attn.qkv.weight`; what lies outside every copy (a step count) is
     matched by its own path (`"**"`). A rule counts as used when it selects an array or
     the place a state keeps for a parameter without state (a frozen array or a buffer:
