@@ -277,6 +277,28 @@ def test_adapter_dropout_is_mode_bearing(key):
     assert nn.modes(treenn.lora(mlp, "layers.0", rank=2, key=key)) == {"layers.1": False}
 
 
+def test_adapter_dropout_inside_attention_and_mlp_gets_keys(key):
+    """treenn's Attention, MLP and MultiheadAttention hand their projections keys of
+    their own, so an adapter's dropout trains inside them."""
+    vit = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=1, key=key)
+    where = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+    model = vit
+    for w in where:
+        model = treenn.lora(model, w, rank=2, dropout=0.5, key=key)
+    model = randomised(model)
+    images = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    y1, y2 = (model(images, key=jax.random.key(i)) for i in (1, 2))
+    assert not np.allclose(y1, y2)  # the adapters' dropout acts
+    with pytest.raises(ValueError, match="lora_dropout.*needs `key=`"):
+        model(images)
+    mha = treenn.lora(
+        nn.MultiheadAttention(8, 2, key=key), "out_proj", rank=2, dropout=0.5, key=key
+    )
+    mha = randomised(mha)
+    x = jax.random.normal(jax.random.key(4), (2, 5, 8))
+    assert not np.allclose(mha(x, key=jax.random.key(1)), mha(x, key=jax.random.key(2)))
+
+
 def test_freeze_and_unfreeze_adapters(zoo, key):
     model = treenn.lora(zoo, "lin", rank=2, key=key)
     frozen = treenn.freeze(model, "lin")

@@ -62,9 +62,8 @@ class _Adapter(Module):
             raise ValueError(
                 f"{type(self).__name__}: the LoRA adapter's dropout (lora_dropout, "
                 f"p={dropout.p}) is in training mode and needs `key=`; the layer was called "
-                "without one (treenn's Attention and MLP call their Linear layers without a "
-                "key). Use lora(..., dropout=0.0), call the layer with a key, or switch the "
-                "adapters to evaluation mode: nn.eval_mode(model, '**.lora_dropout')"
+                "without one. Call the model with a key, use lora(..., dropout=0.0), or "
+                "switch the adapters to evaluation mode: nn.eval_mode(model, '**.lora_dropout')"
             )
         return key
 

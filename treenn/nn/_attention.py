@@ -398,6 +398,7 @@ def _mha_forward(
     average_attn_weights: bool,
 ) -> Any:
     batch, length, source = tuple(query.shape[:-2]), query.shape[-2], kv.shape[-2]
+    attn_key, out_key = (None, None) if key is None else tuple(jax.random.split(key))
     # In-projection: one matrix product for self-attention, as PyTorch.
     if layer.in_proj_weight is not None and self_attention:
         qkv = _linear(query, layer.in_proj_weight, layer.in_proj_bias)
@@ -441,10 +442,11 @@ def _mha_forward(
         bias=bias,
         is_causal=is_causal,
         drop=layer.attn_drop,
-        key=key,
+        key=attn_key,
         need_weights=need_weights,
     )
-    y = layer.out_proj(out.reshape((*batch, length, layer.embed_dim)))
+    # out_proj gets a key of its own: a layer there may need one (a LoRA adapter's dropout).
+    y = layer.out_proj(out.reshape((*batch, length, layer.embed_dim)), key=out_key)
     if not need_weights:
         return y
     assert probs is not None
@@ -553,9 +555,12 @@ class Attention(Module):
 def _vit_forward(layer: Attention, x: jax.Array, key: PRNGKeyArray | None) -> jax.Array:
     batch, tokens = tuple(x.shape[:-2]), x.shape[-2]
     n, heads, d = math.prod(batch), layer.num_heads, layer.head_dim
-    qkv = layer.qkv(x).reshape((n, tokens, 3, heads, d))
+    # Every sublayer gets a key of its own: the projections may need one (a LoRA
+    # adapter's dropout).
+    keys = (None,) * 4 if key is None else tuple(jax.random.split(key, 4))
+    qkv_key, attn_key, proj_key, drop_key = keys
+    qkv = layer.qkv(x, key=qkv_key).reshape((n, tokens, 3, heads, d))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    attn_key, proj_key = (None, None) if key is None else tuple(jax.random.split(key))
     out, _ = _attend(
         q,
         k,
@@ -567,5 +572,5 @@ def _vit_forward(layer: Attention, x: jax.Array, key: PRNGKeyArray | None) -> ja
         key=attn_key,
         need_weights=False,
     )
-    y = layer.proj(out.reshape((*batch, tokens, layer.dim)))
-    return layer.proj_drop(y, key=proj_key)
+    y = layer.proj(out.reshape((*batch, tokens, layer.dim)), key=proj_key)
+    return layer.proj_drop(y, key=drop_key)

@@ -193,8 +193,10 @@ class MLP(Module):
     def __call__(
         self, x: Float[Array, "*batch in_features"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch out_features"]:
-        k1, k2 = (None, None) if key is None else jax.random.split(key)
-        x = self.act(self.fc1(x))
-        x = self.drop1(x, key=k1)
-        x = self.fc2(x)
-        return self.drop2(x, key=k2)
+        # Every sublayer gets a key of its own: fc1/fc2 may need one (a LoRA adapter's
+        # dropout).
+        k1, k2, k3, k4 = (None,) * 4 if key is None else tuple(jax.random.split(key, 4))
+        x = self.act(self.fc1(x, key=k1))
+        x = self.drop1(x, key=k2)
+        x = self.fc2(x, key=k3)
+        return self.drop2(x, key=k4)
