@@ -18,13 +18,13 @@ from typing import Any
 import jax
 
 from ._jit import Donate, jit
+from ._modes import for_step
 from ._optimizers import check_transform, update
 from ._selectors import few
 from ._state import run
 from ._status import is_array, is_mark
 from ._transforms import apply_updates, trainable, value_and_grad
 from ._tree import dotted, flatten, leaves, unflatten
-from ._modes import for_step
 
 
 def _arrays_into(model: Any, updated: Any) -> Any:

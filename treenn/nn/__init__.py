@@ -1,5 +1,12 @@
 """treenn.nn: layers (channels-last, batched, PyTorch parameter names) and modes."""
 
+from .._modes import (
+    eval_mode as eval_mode,
+    modes as modes,
+    pinned as pinned,
+    train_mode as train_mode,
+    unpin as unpin,
+)
 from ._attention import Attention as Attention, MultiheadAttention as MultiheadAttention
 from ._conv import (
     Conv1d as Conv1d,
@@ -12,13 +19,6 @@ from ._conv import (
 from ._dropout import Dropout as Dropout, DropPath as DropPath
 from ._embedding import Embedding as Embedding
 from ._linear import MLP as MLP, Identity as Identity, Linear as Linear, gelu as gelu
-from .._modes import (
-    eval_mode as eval_mode,
-    modes as modes,
-    pinned as pinned,
-    train_mode as train_mode,
-    unpin as unpin,
-)
 from ._normalization import (
     BatchNorm as BatchNorm,
     GroupNorm as GroupNorm,
