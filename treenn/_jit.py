@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 import equinox as eqx
@@ -75,9 +76,9 @@ class _Structure:
         # How to recognise a tree of this structure next call (`None`: flatten it).
         plan = _plan(treedef, statics) if _immutable(treedef) else None
         self.plan = None if plan is _ITEM or plan is _NONE else plan
-        self._fast: Callable[[list[Any]], Any] | None = None
+        self._fast: Callable[[Sequence[Any]], Any] | None = None
 
-    def build_fast(self, arrays: list[Any]) -> Any:
+    def build_fast(self, arrays: Sequence[Any]) -> Any:
         """`build`, through code generated once for this structure (per-call outputs)."""
         fast = self._fast
         if fast is None:
@@ -88,7 +89,7 @@ class _Structure:
             self._fast = fast
         return fast(arrays)
 
-    def build(self, arrays: list[Any]) -> Any:
+    def build(self, arrays: Sequence[Any]) -> Any:
         it = iter(arrays)
         return self.treedef.unflatten([next(it) if s is None else s for s in self.statics])
 
@@ -152,12 +153,12 @@ class _Weak:
 
     __slots__ = ("ref", "arrays")
 
-    def __init__(self, ref: Any, arrays: list[Any]):
+    def __init__(self, ref: Any, arrays: Sequence[Any]):
         self.ref = ref
         self.arrays = arrays
 
 
-def _guard(plan: Any, x: Any, arrays: list[Any], forget: Callable[[Any], None]) -> Any:
+def _guard(plan: Any, x: Any, arrays: Sequence[Any], forget: Callable[[Any], None]) -> Any:
     if type(plan) is int:
         return _Weak(weakref.ref(x, forget), arrays)
     if type(plan) is not tuple:
@@ -207,37 +208,53 @@ class _Out:
     The compiled function returns it as static pytree data, so each call receives the
     description made by the trace that produced its arrays."""
 
-    __slots__ = ("template", "computed", "forwarded", "parts", "is_tuple")
+    __slots__ = ("forwarded", "parts", "is_tuple")
 
-    def __init__(self, template: Any, computed: Any, forwarded: Any, parts: Any, is_tuple: bool):
-        self.template = template  # the output's leaves, `None` where an array goes
-        self.computed = computed  # leaf positions of the computed arrays, in order
-        self.forwarded = forwarded  # ((leaf position, input list, index in it), ...)
-        # Per top-level element (the output itself unless it is a tuple): (treedef,
-        # first leaf, end, structure to remember it by or None, its array positions).
+    def __init__(self, forwarded: Any, parts: Any, is_tuple: bool):
+        # Arrays are taken from a *pool*: the computed arrays, then the forwarded inputs
+        # `((input list, index in it), ...)`.
+        self.forwarded = forwarded
+        # Per top-level element (the output itself unless it is a tuple), one of
+        # `(pool index, None, None)`: an array; `(get, structure, None)`: a tree rebuilt by
+        # `structure` from `get(pool)` and remembered; `(get, treedef, template)`: any
+        # other tree, unflattened from `template` (its leaves, `None` where an array goes).
         self.parts = parts
         self.is_tuple = is_tuple
 
     def build(
         self, computed: list[Any], inputs: list[list[Any]], remember: Callable[..., None]
     ) -> Any:
-        leaves = list(self.template)
-        for position, x in zip(self.computed, computed):
-            leaves[position] = x
-        for position, k, j in self.forwarded:
-            x = inputs[k][j]
+        pool = computed
+        if self.forwarded:
             # A NumPy input passed through comes back as a JAX array, as from `jax.jit`.
-            leaves[position] = jax.numpy.asarray(x) if isinstance(x, _HOST) else x
+            pool = computed + [
+                jax.numpy.asarray(x) if isinstance(x, _HOST) else x
+                for x in [inputs[k][j] for k, j in self.forwarded]
+            ]
         elements = []
-        for treedef, start, end, structure, positions in self.parts:
-            if structure is None:
-                element = treedef.unflatten(leaves[start:end])
+        for get, how, template in self.parts:
+            if how is None:
+                elements.append(pool[get])
+                continue
+            arrays = get(pool)
+            if template is None:
+                element = how.build_fast(arrays)
+                remember(element, how, arrays)
             else:
-                arrays = [leaves[start + p] for p in positions]
-                element = structure.build_fast(arrays)
-                remember(element, structure, arrays)
+                it = iter(arrays)
+                element = how.unflatten([next(it) if s is None else s for s in template])
             elements.append(element)
         return tuple(elements) if self.is_tuple else elements[0]
+
+
+def _getter(indices: list[int]) -> Callable[[list[Any]], Any]:
+    """`get(pool)`: the sequence of `pool`'s items at `indices` (C speed)."""
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda pool: (pool[index],)
+    if not indices:
+        return lambda pool: ()
+    return operator.itemgetter(*indices)
 
 
 jtu.register_pytree_node(_Out, lambda out: ((), out), lambda out, _: out)
@@ -328,7 +345,7 @@ class Jitted(Generic[_P, _R]):
                 key.append(_ARRAY)
                 continue
             hit = known.get(id(x))
-            arrays: list[Any] = []
+            arrays: Sequence[Any] = []
             if hit is not None and _collect(hit.guard, x, arrays):
                 memo[id(x)] = hit
                 structure = hit.structure
@@ -346,7 +363,7 @@ class Jitted(Generic[_P, _R]):
         return jitted, lists
 
     def _remember(
-        self, memo: dict[int, _Known], x: Any, structure: _Structure, arrays: list[Any]
+        self, memo: dict[int, _Known], x: Any, structure: _Structure, arrays: Sequence[Any]
     ) -> None:
         key, token, owner = id(x), object(), self._weakself
 
@@ -364,7 +381,7 @@ class Jitted(Generic[_P, _R]):
         self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[list[Any], _Structure]:
         leaves, treedef = jtu.tree_flatten(x)
-        arrays: list[Any] = []
+        arrays: Sequence[Any] = []
         statics: list[Any] = []
         for leaf in leaves:
             if is_array(leaf):
@@ -445,23 +462,28 @@ class Jitted(Generic[_P, _R]):
             else:
                 forwarded.append((position, *where))
         is_tuple = type(out) is tuple
-        parts = []
+        parts: list[tuple[Any, Any, Any]] = []
         start = 0
+        pool = {p: i for i, p in enumerate(positions)}
+        pool.update((p, len(positions) + i) for i, (p, _, _) in enumerate(forwarded))
         for part in treedef.children() if is_tuple else [treedef]:
             end = start + part.num_leaves
             statics = tuple(template[start:end])
-            arrays = tuple(p for p in range(end - start) if statics[p] is None)
+            get = [pool[start + p] for p in range(end - start) if statics[p] is None]
+            if part.num_nodes == 1 and statics == (None,):
+                parts.append((get[0], None, None))  # a bare array
+                start = end
+                continue
             try:
                 structure: _Structure | None = self._intern(part, statics)
             except TypeError:  # outputs may hold unhashable objects: just not remembered
                 structure = None
-            if structure is not None and structure.plan is None:
-                structure = None
-            parts.append((part, start, end, structure, arrays))
+            if structure is not None and structure.plan is not None:
+                parts.append((_getter(get), structure, None))
+            else:
+                parts.append((_getter(get), part, statics))
             start = end
-        description = _Out(
-            tuple(template), tuple(positions), tuple(forwarded), tuple(parts), is_tuple
-        )
+        description = _Out(tuple((k, j) for _, k, j in forwarded), tuple(parts), is_tuple)
         return computed, description
 
     def _check_donation(
