@@ -161,10 +161,11 @@ def test_mlp_dropout_modes_and_keys() -> None:
     x = rand((8, IN), 6)
     key = jax.random.key(7)
     y = np.asarray(mlp(x, key=key))
-    # The key is split between the two dropouts: their masks are independent.
-    k1, k2 = jax.random.split(key)
-    hidden = nn.Dropout(0.5)(gelu(mlp.fc1(x)), key=k1)
-    np.testing.assert_array_equal(y, np.asarray(nn.Dropout(0.5)(mlp.fc2(hidden), key=k2)))
+    # The key is split four ways, one per sublayer (fc1, drop1, fc2, drop2: a LoRA
+    # adapter on fc1/fc2 may need one): the dropouts' masks are independent.
+    _, k_drop1, _, k_drop2 = jax.random.split(key, 4)
+    hidden = nn.Dropout(0.5)(gelu(mlp.fc1(x)), key=k_drop1)
+    np.testing.assert_array_equal(y, np.asarray(nn.Dropout(0.5)(mlp.fc2(hidden), key=k_drop2)))
     assert 0.3 < (y == 0).mean() < 0.7
     np.testing.assert_array_equal(np.asarray(mlp(x, key=key)), y)
     assert not np.array_equal(np.asarray(mlp(x, key=jax.random.key(8))), y)
