@@ -240,7 +240,7 @@ class _Out:
         self.is_tuple = is_tuple
 
     def build(
-        self, computed: list[Any], inputs: list[list[Any]], remember: Callable[..., None]
+        self, computed: list[Any], inputs: list[list[Any]], owner: Jitted[..., Any], memo: Any
     ) -> Any:
         pool = computed
         if self.forwarded:
@@ -257,7 +257,7 @@ class _Out:
             arrays = get(pool)
             if template is None:
                 element = how.build_fast(arrays)
-                remember(element, how, arrays)
+                owner._remember(memo, element, how, arrays)
             else:
                 it = iter(arrays)
                 element = how.unflatten([next(it) if s is None else s for s in template])
@@ -327,7 +327,7 @@ class Jitted(Generic[_P, _R]):
                 computed, out = jitted(*lists)
         else:
             computed, out = jitted(*lists)
-        result: _R = out.build(computed, lists, functools.partial(self._remember, memo))
+        result: _R = out.build(computed, lists, self, memo)
         self._memo = memo  # this call's objects only: the previous ones are forgotten
         return result
 
