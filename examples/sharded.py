@@ -123,16 +123,22 @@ def my_rows(n: int) -> slice:
     return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
 
 
+def arrays(tree: Any) -> list[jax.Array]:
+    """The arrays of a model (its other leaves, such as `inference` flags, left out)."""
+    return [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+
+
 def per_device_bytes(model: Any) -> tuple[int, int]:
     """Bytes of model arrays held by the first device, and in the whole model."""
-    arrays = [x for x in jax.tree.leaves(model) if isinstance(x, jax.Array)]
     device = jax.devices()[0]
-    held = sum(s.data.nbytes for x in arrays for s in x.addressable_shards if s.device == device)
-    return held, sum(x.nbytes for x in arrays)
+    held = sum(
+        s.data.nbytes for x in arrays(model) for s in x.addressable_shards if s.device == device
+    )
+    return held, sum(x.nbytes for x in arrays(model))
 
 
 def largest_difference(a: Any, b: Any) -> float:
-    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    pairs = zip(arrays(a), arrays(b))
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
 
 
@@ -206,7 +212,7 @@ def main() -> None:
         again = treenn.load(path, like=model)
         same = all(
             np.array_equal(np.asarray(a), np.asarray(b)) and a.sharding == b.sharding
-            for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(model))
+            for a, b in zip(arrays(again), arrays(model))
         )
         say(f"saved and reloaded, values and placement identical: {'yes' if same else 'NO'}")
     else:  # every process holds only its shards: gather them, then one process writes
