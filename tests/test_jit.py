@@ -481,6 +481,24 @@ def test_frozen_arrays_come_back_as_the_same_arrays(key, x):
     np.testing.assert_allclose(again.layers[1].weight, step(want, x).layers[1].weight, rtol=1e-6)
 
 
+def test_outputs_mixing_computed_and_passed_through_arrays():
+    """Each output element takes its arrays from the right place, computed or passed
+    through, whatever its kind: a dict, a bare array, a tuple, a list, a one-array
+    module (a tree, not a bare array)."""
+    a, b = jnp.ones(2), jnp.arange(3.0)
+
+    def fn(a, b):
+        return {"k": b, "s": a + 1}, a, (b * 2, a), [a, b + 1], _Wrap(b - 1), b
+
+    out = treenn.jit(fn)(a, b)
+    want = fn(a, b)
+    assert jtu.tree_structure(out) == jtu.tree_structure(want)
+    for got, expected in zip(jtu.tree_leaves(out), jtu.tree_leaves(want)):
+        np.testing.assert_array_equal(got, expected)
+    assert out[0]["k"] is b and out[1] is a and out[2][1] is a and out[3][0] is a
+    assert out[5] is b and isinstance(out[4], _Wrap)
+
+
 def test_numpy_input_passed_through_comes_back_as_a_jax_array():
     f = treenn.jit(lambda a, b: (a, b * 2))
     a, b = np.arange(3.0, dtype=np.float32), np.float32(2.0)
