@@ -236,6 +236,7 @@ def _check_later_save(killed: Killed) -> None:
     assert_identical(treenn.load(killed.path, Ckpt(0)), model_b())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_kill_during_save_leaves_old_or_new_checkpoint(
     kills: dict[str, Killed], saved: dict[str, bytes], moment: str
@@ -255,6 +256,7 @@ def test_kill_during_save_leaves_old_or_new_checkpoint(
     _check_later_save(killed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", DELAYS)
 def test_kill_at_random_moments_of_repeated_saves(
     kills: dict[str, Killed], saved: dict[str, bytes], delay: float
@@ -376,6 +378,7 @@ def test_resume_in_fresh_objects_is_bit_identical(
     assert list(_bits(resumed["model"])) != list(_bits(fresh_state(0)["model"]))
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_is_bit_identical(
     uninterrupted: tuple[dict[str, Any], list[jax.Array]], checkpoint: Path, tmp_path: Path
 ) -> None:

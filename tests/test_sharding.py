@@ -366,6 +366,7 @@ def test_the_cases_are_found():
     assert len(CASE_NAMES) >= 6, CASE_NAMES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_on_eight_simulated_devices(eight_devices, case):
     outcomes, output = eight_devices
@@ -374,6 +375,7 @@ def test_on_eight_simulated_devices(eight_devices, case):
     assert problem is None, f"{case} failed on 8 devices:\n{problem}"
 
 
+@pytest.mark.slow
 def test_example_fine_tunes_on_the_mesh_as_on_one_device(launched):
     code, out = finished(launched, "example")
     assert code == 0, out[-5000:]

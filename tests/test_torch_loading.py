@@ -72,7 +72,7 @@ train_forward = treenn.jit(lambda model, x: treenn.apply(model, x))
 # -- torchvision ResNets --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_resnet_logits_match_torchvision_in_eval_mode(name):
     reference, model = resnets(name)
     x = images(2, 32)
@@ -91,6 +91,7 @@ def bn_statistics(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in module.state_dict().items() if k.endswith(("_mean", "_var"))}
 
 
+@pytest.mark.slow
 def test_resnet50_batchnorm_statistics_match_after_a_training_forward():
     # A training step updates the running statistics in its forward pass (the gradient
     # never touches them); ResNet-18 below runs the whole step.
