@@ -68,7 +68,7 @@ class _Structure:
     """One argument's tree structure and static leaves (`None` where an array goes).
     Interned per function, so that it is its own, identity-hashed, cache key."""
 
-    __slots__ = ("treedef", "statics", "plan", "_fast")
+    __slots__ = ("treedef", "statics", "plan", "guard", "collect", "_fast")
 
     def __init__(self, treedef: Any, statics: tuple[Any, ...]):
         self.treedef = treedef
@@ -76,6 +76,8 @@ class _Structure:
         # How to recognise a tree of this structure next call (`None`: flatten it).
         plan = _plan(treedef, statics) if _immutable(treedef) else None
         self.plan = None if plan is _ITEM or plan is _NONE else plan
+        # A tuple (an optimiser state) is recognised by code generated for its plan.
+        self.guard, self.collect = _tuple_code(plan) if type(plan) is tuple else (None, None)
         self._fast: Callable[[Sequence[Any]], Any] | None = None
 
     def build_fast(self, arrays: Sequence[Any]) -> Any:
@@ -158,53 +160,57 @@ class _Weak:
         self.arrays = arrays
 
 
-def _guard(plan: Any, x: Any, arrays: Sequence[Any], forget: Callable[[Any], None]) -> Any:
-    if type(plan) is int:
-        return _Weak(weakref.ref(x, forget), arrays)
-    if type(plan) is not tuple:
-        return plan  # _ITEM or _NONE
-    kind, items, sizes = plan
-    guards, start = [], 0
-    for item_plan, size, item in zip(items, sizes, x):
-        # The common items inline, as in `_collect`.
-        if type(item_plan) is int:
-            guards.append(_Weak(weakref.ref(item, forget), arrays[start : start + size]))
-        elif type(item_plan) is tuple:
-            guards.append(_guard(item_plan, item, arrays[start : start + size], forget))
-        else:
-            guards.append(item_plan)
-        start += size
-    return (kind, tuple(guards))
+def _tuple_code(plan: Any) -> tuple[Callable[..., Any], Callable[..., bool]]:
+    """For a tuple plan, straight-line code (a call per item would be a measurable share
+    of a call): `guard(x, arrays, forget)`, the `_Weak` records of `x`'s weakly
+    referable nodes, and `collect(x, guards, out)`, whether `x` is still the tree they
+    were made for (same tuple types and lengths, the same nodes, arrays where arrays
+    were), its arrays appended to `out`."""
+    consts: dict[str, Any] = {"_Weak": _Weak, "_ref": weakref.ref, "_is_array": is_array}
+    access: list[str] = []  # `guard`'s lines
+    check: list[str] = []  # `collect`'s lines
+    weak: list[str] = []
 
+    def walk(plan: Any, var: str, start: int) -> None:
+        kind, items, sizes = plan
+        consts[f"_k{len(consts)}"] = kind
+        check.append(
+            f"    if type({var}) is not _k{len(consts) - 1} or len({var}) != {len(items)}:"
+        )
+        check.append("        return False")
+        for index, (item, size) in enumerate(zip(items, sizes)):
+            name = f"x{len(access)}"
+            access.append(f"    {name} = {var}[{index}]")
+            check.append(f"    {name} = {var}[{index}]")
+            if type(item) is int:
+                check.append(f"    w = g[{len(weak)}]")
+                check.append(f"    if w.ref() is not {name}:")
+                check.append("        return False")
+                check.append("    out.extend(w.arrays)")
+                weak.append(f"_Weak(_ref({name}, forget), a[{start}:{start + size}])")
+            elif item is _ITEM:
+                check.append(f"    if not _is_array({name}):")
+                check.append("        return False")
+                check.append(f"    out.append({name})")
+            elif item is _NONE:
+                check.append(f"    if {name} is not None:")
+                check.append("        return False")
+            else:
+                walk(item, name, start)
+            start += size
 
-def _collect(guard: Any, x: Any, out: list[Any]) -> bool:
-    """Whether `x` is the remembered tree; its arrays are appended to `out`."""
-    if type(guard) is _Weak:
-        if guard.ref() is not x:
-            return False
-        out.extend(guard.arrays)
-        return True
-    if guard is _ITEM:
-        out.append(x)
-        return is_array(x)
-    if guard is _NONE:
-        return x is None
-    kind, items = guard
-    if type(x) is not kind or len(x) != len(items):
-        return False
-    for g, item in zip(items, x):
-        # The common items inline: a call per item is a measurable share of a call.
-        if type(g) is _Weak:
-            if g.ref() is not item:
-                return False
-            out.extend(g.arrays)
-        elif g is _ITEM:
-            if not is_array(item):
-                return False
-            out.append(item)
-        elif not _collect(g, item, out):
-            return False
-    return True
+    walk(plan, "x", 0)
+    source = (
+        "def guard(x, a, forget):\n"
+        + "".join(line + "\n" for line in access)
+        + f"    return ({''.join(w + ', ' for w in weak)})\n"
+        + "def collect(x, g, out):\n"
+        + "".join(line + "\n" for line in check)
+        + "    return True\n"
+    )
+    namespace = dict(consts)
+    exec(compile(source, "<treenn guard>", "exec"), namespace)
+    return namespace["guard"], namespace["collect"]
 
 
 class _Known:
@@ -218,6 +224,19 @@ class _Known:
         self.guard = guard
         self.structure = structure
         self.token = token
+
+
+def _still(known: _Known, x: Any, out: list[Any]) -> bool:
+    """Whether `x` is the remembered tree; its arrays are appended to `out`."""
+    guard = known.guard
+    if type(guard) is _Weak:
+        if guard.ref() is not x:
+            return False
+        out.extend(guard.arrays)
+        return True
+    collect = known.structure.collect
+    assert collect is not None
+    return bool(collect(x, guard, out))
 
 
 class _Out:
@@ -364,7 +383,7 @@ class Jitted(Generic[_P, _R]):
                 continue
             hit = known.get(id(x))
             arrays: Sequence[Any] = []
-            if hit is not None and _collect(hit.guard, x, arrays):
+            if hit is not None and _still(hit, x, arrays):
                 memo[id(x)] = hit
                 structure = hit.structure
             else:
@@ -393,7 +412,12 @@ class Jitted(Generic[_P, _R]):
                 if known is not None and known.token is token:
                     jitted._memo.pop(key, None)
 
-        memo[key] = _Known(_guard(structure.plan, x, arrays, forget), structure, token)
+        guard: Any
+        if structure.guard is None:  # a weakly referable node (an Equinox module)
+            guard = _Weak(weakref.ref(x, forget), arrays)
+        else:
+            guard = structure.guard(x, arrays, forget)
+        memo[key] = _Known(guard, structure, token)
 
     def _split(
         self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
