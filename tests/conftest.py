@@ -129,6 +129,18 @@ def paths_with(model: object, status: str) -> set[str]:
     return {p for p, s in statuses(model).items() if s == status}
 
 
+def dotted(path: tuple[Any, ...]) -> str:
+    """PyTorch-style dotted name of a `jax.tree_util` key path, as `treenn.statuses` and
+    selectors spell it (status marks add a key that prints as '')."""
+    parts = [jax.tree_util.keystr((k,), simple=True) for k in path]
+    return ".".join(p for p in parts if p)
+
+
+def leaves_by_path(tree: Any) -> list[tuple[str, Any]]:
+    """`(dotted path, leaf)` of every leaf, in leaf order, status marks seen through."""
+    return [(dotted(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 # -- layer tests: data, names, references (one copy for every layer family) -------------
 
 # Leading batch shapes every layer is checked with: none, one axis, two axes.
