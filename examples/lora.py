@@ -97,7 +97,9 @@ def step_memory(model: Any, tx: Any, x: np.ndarray, y: np.ndarray) -> int:
         return treenn.apply_updates(model, updates), opt_state
 
     opt_state = tx.init(treenn.trainable(model))
-    compiled = eqx.filter_jit(step).lower(model, opt_state, x, y).compile()
+    # Equinox annotates filter_jit as returning a plain Callable; its wrapper has .lower.
+    lowered = eqx.filter_jit(step).lower(model, opt_state, x, y)  # type: ignore[attr-defined]
+    compiled = lowered.compile()
     stats = getattr(compiled, "compiled", compiled).memory_analysis()  # Equinox's wrapper
     return int(stats.argument_size_in_bytes + stats.temp_size_in_bytes)
 

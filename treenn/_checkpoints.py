@@ -136,11 +136,12 @@ def write_safetensors(path: PathLike, arrays: dict[str, Any], metadata: dict[str
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for array in arrays.values():
-            f.write(_bytes_of(array))
+            f.write(_bytes_of(array).data)
 
 
 def _bytes_of(array: Any) -> np.ndarray:
-    """`array`'s little-endian bytes, as a flat uint8 view where possible.
+    """`array`'s little-endian bytes, as a flat uint8 view where possible (write its
+    `.data`: numpy types `ndarray` as a buffer only on Python 3.12+).
 
     An array on an accelerator, or sharded over several devices, is gathered into a
     fresh single-device host array first: `np.asarray` of it would keep its host copy
@@ -292,21 +293,19 @@ class SafetensorsFile:
         return entries, metadata
 
     def _entry(self, key: str, info: Any) -> Entry:
-        ok = isinstance(info, dict)
-        dtype = info.get("dtype") if ok else None
-        shape = info.get("shape") if ok else None
-        offsets = info.get("data_offsets") if ok else None
-        ok = (
-            ok
-            and isinstance(dtype, str)
+        fields = info if isinstance(info, dict) else {}
+        dtype = fields.get("dtype")
+        shape = fields.get("shape")
+        offsets = fields.get("data_offsets")
+        if not (
+            isinstance(dtype, str)
             and dtype in _DTYPES
             and isinstance(shape, list)
             and all(_is_count(s) for s in shape)
             and isinstance(offsets, list)
             and len(offsets) == 2
             and all(_is_count(o) for o in offsets)
-        )
-        if not ok:
+        ):
             raise self.corrupt(f"bad entry for {key!r}: {_short(info)}")
         entry = Entry(np.dtype(_DTYPES[dtype]), tuple(shape), offsets[0], offsets[1])
         expected = math.prod(entry.shape) * entry.dtype.itemsize
@@ -335,7 +334,7 @@ class SafetensorsFile:
         entry = self.entries[key]
         array = np.empty(entry.shape, entry.dtype.newbyteorder("<"))
         self.file.seek(self.body + entry.begin)
-        if self.file.readinto(array.reshape(-1).view(np.uint8)) != entry.end - entry.begin:
+        if self.file.readinto(array.reshape(-1).view(np.uint8).data) != entry.end - entry.begin:
             raise self.corrupt(f"the file shrank while {key!r} was read")
         return array.astype(entry.dtype, copy=False)
 
@@ -931,7 +930,8 @@ def settle_modes(model: Any) -> Any:
     def settle(p: Any, module: Any) -> Any:
         raw = state_of(module).get("inference")
         pinned = type(raw) is Pinned
-        if not isinstance(raw.value if pinned else raw, jax.ShapeDtypeStruct):
+        value = raw.value if type(raw) is Pinned else raw  # (mypy narrows only here)
+        if not isinstance(value, jax.ShapeDtypeStruct):
             return module
         if pinned:
             lost.append(dotted(p))
