@@ -15,12 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import Net, optax_promotion, statuses
+from conftest import Net, leaves_by_path, optax_promotion, statuses
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import treenn
 import treenn.nn as nn
-from treenn._tree import dotted, flatten
 from treenn.models import vit_tiny
 
 if jax.device_count() != 8:
@@ -43,13 +42,7 @@ def step_loss(model: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Arr
 
 def arrays(tree: Any) -> dict[str, Any]:
     """Dotted path -> array (marks unwrapped) of every array leaf."""
-    paths, leaves, _ = flatten(tree)
-    out = {}
-    for path, leaf in zip(paths, leaves):
-        value = getattr(leaf, "value", leaf)
-        if isinstance(value, jax.Array):
-            out[dotted(path)] = value
-    return out
+    return {path: x for path, x in leaves_by_path(tree) if isinstance(x, jax.Array)}
 
 
 def assert_close(sharded: Any, single: Any, what: str) -> None:

@@ -20,12 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import NET_BUFFERS, NET_PARAMS, Net, optax_promotion, statuses
+from conftest import NET_BUFFERS, NET_PARAMS, Net, leaves_by_path, optax_promotion, statuses
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import treenn
 import treenn.nn as nn
-from treenn._tree import dotted, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = Path(__file__).with_name("sharding_cases.py")
@@ -33,13 +32,11 @@ CASES = Path(__file__).with_name("sharding_cases.py")
 
 def specs(tree: object) -> dict[str, object]:
     """Dotted path -> the PartitionSpec of every array (marks unwrapped)."""
-    paths, leaves, _ = flatten(tree)
     out = {}
-    for path, leaf in zip(paths, leaves):
-        value = getattr(leaf, "value", leaf)
+    for path, value in leaves_by_path(tree):
         if isinstance(value, jax.Array):
-            assert isinstance(value.sharding, NamedSharding), dotted(path)
-            out[dotted(path)] = value.sharding.spec
+            assert isinstance(value.sharding, NamedSharding), path
+            out[path] = value.sharding.spec
     return out
 
 
@@ -57,10 +54,10 @@ def test_no_rules_replicates_every_array_keeping_status_and_values(net, mesh):
     assert specs(placed) == {p: P() for p in NET_PARAMS | NET_BUFFERS}
     assert statuses(placed) == statuses(model)  # frozen arrays and buffers keep marks
     assert placed.backbone.layers[3].p == net.backbone.layers[3].p  # non-arrays kept
-    paths, leaves, _ = flatten(placed)
-    for path, x, y in zip(paths, leaves, flatten(model)[1]):
-        value, expected = getattr(x, "value", x), getattr(y, "value", y)  # marks unwrapped
-        np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), dotted(path))
+    pairs = leaves_by_path(model)
+    assert [p for p, _ in leaves_by_path(placed)] == [p for p, _ in pairs]
+    for (path, value), (_, expected) in zip(leaves_by_path(placed), pairs):
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), path)
 
 
 def test_first_matching_rule_wins(net, mesh):
