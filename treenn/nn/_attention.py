@@ -488,6 +488,8 @@ class Attention(Module):
     same shape. Without active attention dropout the attention runs through
     `jax.nn.dot_product_attention` (fused kernels where available).
 
+    **Returns:** `attn(x, key=None)` returns an array of `x`'s shape `(*batch, N, C)`.
+
     !!! Example
 
         ```python

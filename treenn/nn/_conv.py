@@ -246,6 +246,9 @@ class Conv1d(_ConvNd):
     `ceil(size / stride)`, the smaller half at the start (XLA's and TensorFlow's rule;
     with stride 1 exactly PyTorch's `padding="same"`, which PyTorch refuses for stride > 1).
 
+    **Returns:** `conv(x)` returns `(*batch, out_length, out_channels)` for `x` of shape
+    `(*batch, length, in_channels)`.
+
     !!! Example
 
         ```python
@@ -288,6 +291,9 @@ class Conv2d(_ConvNd):
     1) // stride + 1`, as in PyTorch. `"VALID"` is no padding; `"SAME"` pads to an output size of
     `ceil(size / stride)`, the smaller half at the start (XLA's and TensorFlow's rule;
     with stride 1 exactly PyTorch's `padding="same"`, which PyTorch refuses for stride > 1).
+
+    **Returns:** `conv(x)` returns `(*batch, out_height, out_width, out_channels)` for `x` of shape
+    `(*batch, height, width, in_channels)`.
 
     !!! Example
 
@@ -333,6 +339,9 @@ class Conv3d(_ConvNd):
     output size of `ceil(size / stride)`, the smaller half at the start (XLA's and
     TensorFlow's rule; with stride 1 exactly PyTorch's `padding="same"`, which PyTorch
     refuses for stride > 1).
+
+    **Returns:** `conv(x)` returns `(*batch, out_depth, out_height, out_width, out_channels)` for
+    `x` of shape `(*batch, depth, height, width, in_channels)`.
 
     !!! Example
 
@@ -495,6 +504,9 @@ class ConvTranspose1d(_ConvTransposeNd):
     Parameters follow PyTorch: `weight` of shape `(in_channels, out_channels // groups,
     k)`, `bias` of shape `(out_channels,)`, so PyTorch checkpoints load as they are.
 
+    **Returns:** `conv(x)` returns `(*batch, out_length, out_channels)` for `x` of shape
+    `(*batch, length, in_channels)`.
+
     !!! Example
 
         ```python
@@ -546,6 +558,9 @@ class ConvTranspose2d(_ConvTransposeNd):
 
     Parameters follow PyTorch: `weight` of shape `(in_channels, out_channels // groups,
     kh, kw)`, `bias` of shape `(out_channels,)`, so PyTorch checkpoints load as they are.
+
+    **Returns:** `conv(x)` returns `(*batch, out_height, out_width, out_channels)` for `x` of shape
+    `(*batch, height, width, in_channels)`.
 
     !!! Example
 
@@ -599,6 +614,9 @@ class ConvTranspose3d(_ConvTransposeNd):
 
     Parameters follow PyTorch: `weight` of shape `(in_channels, out_channels // groups,
     kd, kh, kw)`, `bias` of shape `(out_channels,)`: PyTorch checkpoints load as they are.
+
+    **Returns:** `conv(x)` returns `(*batch, out_depth, out_height, out_width, out_channels)` for
+    `x` of shape `(*batch, depth, height, width, in_channels)`.
 
     !!! Example
 

@@ -24,6 +24,10 @@ class Dropout(Module):
 
     In training mode a `key` is required.
 
+    **Returns:** `dropout(x, key=None)` returns an array of `x`'s shape and dtype: `x` with
+    dropped elements zeroed and the rest scaled in training mode, `x` itself in
+    evaluation mode.
+
     !!! Example
 
         ```python
@@ -82,6 +86,10 @@ class DropPath(Module):
 
     In training mode with `p > 0` a `key` is required. The input needs at least one axis,
     the sample axis: each sample `x[i]` is kept or dropped as a whole.
+
+    **Returns:** `drop_path(x, key=None)` returns an array of `x`'s shape `(batch, *rest)` and
+    dtype: whole samples zeroed and the rest scaled in training mode, `x` itself in
+    evaluation mode.
 
     !!! Example
 

@@ -37,6 +37,9 @@ class Embedding(Module):
     `num_embeddings` or more reads the last row. (PyTorch raises an `IndexError`; check
     your ids if they may be out of range. Negative ids do not count from the end.)
 
+    **Returns:** `embedding(ids)` returns the rows `weight[ids]`, of shape `(*batch,
+    embedding_dim)` for integer `ids` of shape `(*batch,)`.
+
     !!! Example
 
         ```python

@@ -28,6 +28,9 @@ class Linear(Module):
     Parameters follow PyTorch: `weight` of shape `(out_features, in_features)`, `bias` of
     shape `(out_features,)`.
 
+    **Returns:** `layer(x)` returns `x @ weight.T + bias`, of shape `(*batch, out_features)`
+    for `x` of shape `(*batch, in_features)`.
+
     !!! Example
 
         ```python
@@ -79,6 +82,8 @@ class Identity(Module):
     - `*args`, `**kwargs`: ignored, as in PyTorch, so that `nn.Identity` can stand in for
         a layer class called with that layer's arguments (`norm_layer(dim)`).
 
+    **Returns:** `layer(x)` returns `x` itself, same shape and dtype.
+
     !!! Example
 
         ```python
@@ -98,7 +103,22 @@ class Identity(Module):
 
 def gelu(x: Array) -> Array:
     """The exact (erf) GELU, `jax.nn.gelu(x, approximate=False)`: PyTorch's `nn.GELU()`
-    default, and so timm's. (`jax.nn.gelu` alone is the tanh approximation.)"""
+    default, and so timm's. (`jax.nn.gelu` alone is the tanh approximation.)
+
+    **Arguments:**
+
+    - `x`: an array of any shape.
+
+    **Returns:** `x * Φ(x)` elementwise (`Φ` the standard normal CDF), of `x`'s shape and
+    dtype.
+
+    !!! Example
+
+        ```python
+        y = nn.gelu(jnp.array([-1.0, 0.0, 1.0]))  # [-0.1587, 0.0, 0.8413]
+        mlp = nn.MLP(64, 256, act=nn.gelu, key=jax.random.key(0))  # the default act
+        ```
+    """
     return jax.nn.gelu(x, approximate=False)
 
 
@@ -133,6 +153,9 @@ class MLP(Module):
     (`nn.Linear`, `fc1.weight` of shape `(hidden_features, in_features)`...), and
     `drop1`, `drop2` (`nn.Dropout`, mode-bearing: switch them with `nn.eval_mode`). In
     training mode with dropout, `key` is required and split between the two dropouts.
+
+    **Returns:** `mlp(x, key=None)` returns an array of shape `(*batch, out_features)` for `x` of
+    shape `(*batch, in_features)`.
 
     !!! Example
 

@@ -76,6 +76,10 @@ class BatchNorm(Module):
     Parameters and buffers follow PyTorch: `weight`, `bias`, and the buffers
     `running_mean`, `running_var` (float32), which are never trainable.
 
+    **Returns:** `bn(x)` returns the normalised `x`, of its shape `(*batch, num_features)`. In
+    training mode with `update_stats=True`, call it through `treenn.apply`, which
+    returns `(y, updated_model)`.
+
     !!! Example
 
         ```python
@@ -217,6 +221,9 @@ class LayerNorm(Module):
     - `bias`: with `elementwise_affine`, whether to learn the bias.
     - `dtype`: parameter dtype (default float32).
 
+    **Returns:** `norm(x)` returns the normalised `x`, of its shape `(*batch,
+    *normalized_shape)`.
+
     !!! Example
 
         ```python
@@ -283,6 +290,9 @@ class GroupNorm(Module):
     - `eps`: added to the variance (PyTorch: 1e-5).
     - `affine`: whether to learn a per-channel `weight` (ones) and `bias` (zeros).
     - `dtype`: parameter dtype (default float32).
+
+    **Returns:** `norm(x)` returns the normalised `x`, of its shape `(batch, *spatial,
+    num_channels)`.
 
     !!! Example
 
@@ -359,6 +369,9 @@ class RMSNorm(Module):
     - `elementwise_affine`: learn a `weight` (ones) of that shape. There is no bias, as
         in PyTorch.
     - `dtype`: parameter dtype (default float32).
+
+    **Returns:** `norm(x)` returns the normalised `x`, of its shape `(*batch,
+    *normalized_shape)`.
 
     !!! Example
 

@@ -190,6 +190,9 @@ class MaxPool1d(_MaxPoolNd):
     The output length is `(size + 2 * padding - dilation * (kernel - 1) - 1) // stride +
     1` (rounded up with `ceil_mode`).
 
+    **Returns:** `pool(x)` returns `(*batch, out_length, channels)` for `x` of shape `(*batch,
+    length, channels)`.
+
     !!! Example
 
         ```python
@@ -223,6 +226,9 @@ class MaxPool2d(_MaxPoolNd):
 
     The output height and width are each `(size + 2 * padding - dilation * (kernel - 1) -
     1) // stride + 1` (rounded up with `ceil_mode`).
+
+    **Returns:** `pool(x)` returns `(*batch, out_height, out_width, channels)` for `x` of shape
+    `(*batch, height, width, channels)`.
 
     !!! Example
 
@@ -260,6 +266,9 @@ class MaxPool3d(_MaxPoolNd):
 
     The output depth, height and width are each `(size + 2 * padding - dilation * (kernel
     - 1) - 1) // stride + 1` (rounded up with `ceil_mode`).
+
+    **Returns:** `pool(x)` returns `(*batch, out_depth, out_height, out_width, channels)` for `x`
+    of shape `(*batch, depth, height, width, channels)`.
 
     !!! Example
 
@@ -299,6 +308,9 @@ class AvgPool1d(_AvgPoolNd):
     The output length is `(size + 2 * padding - kernel) // stride + 1` (rounded up with
     `ceil_mode`).
 
+    **Returns:** `pool(x)` returns `(*batch, out_length, channels)` for `x` of shape `(*batch,
+    length, channels)`.
+
     !!! Example
 
         ```python
@@ -333,6 +345,9 @@ class AvgPool2d(_AvgPoolNd):
 
     The output height and width are each `(size + 2 * padding - kernel) // stride + 1`
     (rounded up with `ceil_mode`).
+
+    **Returns:** `pool(x)` returns `(*batch, out_height, out_width, channels)` for `x` of shape
+    `(*batch, height, width, channels)`.
 
     !!! Example
 
@@ -371,6 +386,9 @@ class AvgPool3d(_AvgPoolNd):
 
     The output depth, height and width are each `(size + 2 * padding - kernel) // stride
     + 1` (rounded up with `ceil_mode`).
+
+    **Returns:** `pool(x)` returns `(*batch, out_depth, out_height, out_width, channels)` for `x`
+    of shape `(*batch, depth, height, width, channels)`.
 
     !!! Example
 
@@ -455,6 +473,9 @@ class AdaptiveAvgPool1d(_AdaptiveAvgPoolNd):
 
     - `output_size`: the output length, an int or a 1-tuple; `None` keeps the input's.
 
+    **Returns:** `pool(x)` returns `(*batch, output_size, channels)` for `x` of shape `(*batch,
+    length, channels)`.
+
     !!! Example
 
         ```python
@@ -483,6 +504,9 @@ class AdaptiveAvgPool2d(_AdaptiveAvgPoolNd):
 
     - `output_size`: `(out_height, out_width)`, or an int for both; an entry `None`
       keeps the input's size on that axis.
+
+    **Returns:** `pool(x)` returns `(*batch, *output_size, channels)` for `x` of shape `(*batch,
+    height, width, channels)`.
 
     !!! Example
 
@@ -515,6 +539,9 @@ class AdaptiveAvgPool3d(_AdaptiveAvgPoolNd):
 
     - `output_size`: `(out_depth, out_height, out_width)`, or an int for all three; an
       entry `None` keeps the input's size on that axis.
+
+    **Returns:** `pool(x)` returns `(*batch, *output_size, channels)` for `x` of shape `(*batch,
+    depth, height, width, channels)`.
 
     !!! Example
 
@@ -549,6 +576,9 @@ class GlobalAvgPool(Module):
     - `num_spatial_dims`: how many axes before the channel axis are spatial (2 for
       images); the axes before them are batch axes.
     - `keepdims`: keep the spatial axes with size 1.
+
+    **Returns:** `pool(x)` returns the spatial mean, `(*batch, channels)`, or `(*batch, 1, ...,
+    1, channels)` with `keepdims=True`.
 
     !!! Example
 

@@ -19,6 +19,8 @@ class Lambda(Module):
 
     - `fn`: called as `fn(x)`.
 
+    **Returns:** `layer(x)` returns `fn(x)`; `key` is ignored.
+
     !!! Example
 
         ```python
@@ -41,6 +43,8 @@ class Sequential(Module):
         `jax.nn.relu` (wrapped in `nn.Lambda`).
 
     The layers live in the `layers` tuple, so paths read `layers.0.weight`.
+
+    **Returns:** `model(x, key=None)` returns the last layer's output.
 
     !!! Example
 
