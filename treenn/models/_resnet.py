@@ -44,7 +44,28 @@ def _shortcut(down: tuple[Conv2d, BatchNorm] | None, x: jax.Array) -> jax.Array:
 
 
 class BasicBlock(Module):
-    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34), torchvision's
+    `BasicBlock`: `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
+
+    **Arguments:**
+
+    - `cin`: input channels.
+    - `width`: output channels (`expansion = 1`).
+    - `stride`: stride of `conv1`; with `stride != 1` or `cin != width` the shortcut is
+        `downsample`, a strided 1x1 convolution and a BatchNorm.
+    - `key`: PRNG key for the initialisation.
+
+    **Returns:** `block(x)` returns `(*batch, H / stride, W / stride, width)` (rounded
+    up) for channels-last `x` of shape `(*batch, H, W, cin)`. Its BatchNorms train like
+    any `nn.BatchNorm`: in training mode call it through `treenn.apply`.
+
+    !!! Example
+
+        ```python
+        block = treenn.models.BasicBlock(64, 128, 2, key=jax.random.key(0))
+        y, block = treenn.apply(block, jnp.ones((8, 32, 32, 64)))  # (8, 16, 16, 128)
+        ```
+    """
 
     conv1: Conv2d
     bn1: BatchNorm
@@ -71,7 +92,29 @@ class BasicBlock(Module):
 
 
 class Bottleneck(Module):
-    """1x1, 3x3 (strided), 1x1 convolutions with a residual connection (ResNet-50)."""
+    """1x1, 3x3 (strided), 1x1 convolutions with a residual connection (ResNet-50),
+    torchvision's `Bottleneck` (stride on the 3x3, as torchvision's "ResNet v1.5").
+
+    **Arguments:**
+
+    - `cin`: input channels.
+    - `width`: channels of the inner convolutions; the output has `width * 4`
+        (`expansion = 4`).
+    - `stride`: stride of `conv2`; with `stride != 1` or `cin != 4 * width` the shortcut
+        is `downsample`, a strided 1x1 convolution and a BatchNorm.
+    - `key`: PRNG key for the initialisation.
+
+    **Returns:** `block(x)` returns `(*batch, H / stride, W / stride, 4 * width)`
+    (rounded up) for channels-last `x` of shape `(*batch, H, W, cin)`. In training mode
+    call it through `treenn.apply` (its BatchNorms update their statistics).
+
+    !!! Example
+
+        ```python
+        block = treenn.models.Bottleneck(256, 64, 1, key=jax.random.key(0))
+        y, block = treenn.apply(block, jnp.ones((8, 14, 14, 256)))  # (8, 14, 14, 256)
+        ```
+    """
 
     conv1: Conv2d
     bn1: BatchNorm
@@ -122,6 +165,22 @@ class ResNet(Module):
 
     Initialisation follows torchvision: convolutions kaiming-normal (fan out), BatchNorm
     weight 1 and bias 0, `fc` PyTorch's Linear default.
+
+    **Returns:** `model(x)` returns logits `(*batch, num_classes)` for images `x` of
+    shape `(*batch, H, W, in_channels)`. A new model is in training mode, whose
+    BatchNorms update their statistics: call it through `treenn.apply` (which also
+    returns the updated model), or switch it with `nn.eval_mode` first.
+
+    !!! Example
+
+        ```python
+        model = treenn.models.ResNet(
+            treenn.models.BasicBlock, (1, 1, 1, 1), 10, width=16, small_input=True,
+            key=jax.random.key(0),
+        )
+        logits, model = treenn.apply(model, jnp.ones((8, 32, 32, 3)))  # (8, 10)
+        logits = nn.eval_mode(model)(jnp.ones((8, 32, 32, 3)))
+        ```
     """
 
     conv1: Conv2d
@@ -181,8 +240,16 @@ class ResNet(Module):
 
 
 def resnet18(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> ResNet:
-    """ResNet-18 (BasicBlock, 2-2-2-2). Keyword arguments as `ResNet`'s (`in_channels`,
-    `width`, `small_input`).
+    """ResNet-18 (BasicBlock, 2-2-2-2), with torchvision's parameter names.
+
+    **Arguments:**
+
+    - `num_classes`: size of the `fc` head.
+    - `key`: PRNG key for the initialisation.
+    - `**kwargs`: passed to `ResNet` (`in_channels`, `width`, `small_input`).
+
+    **Returns:** a `ResNet` in training mode; `model(x)` maps `(*batch, H, W, C)` images
+    to `(*batch, num_classes)` logits.
 
     !!! Example
 
@@ -195,7 +262,16 @@ def resnet18(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> Re
 
 
 def resnet34(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> ResNet:
-    """ResNet-34 (BasicBlock, 3-4-6-3). Keyword arguments as `ResNet`'s.
+    """ResNet-34 (BasicBlock, 3-4-6-3), with torchvision's parameter names.
+
+    **Arguments:**
+
+    - `num_classes`: size of the `fc` head.
+    - `key`: PRNG key for the initialisation.
+    - `**kwargs`: passed to `ResNet` (`in_channels`, `width`, `small_input`).
+
+    **Returns:** a `ResNet` in training mode; `model(x)` maps `(*batch, H, W, C)` images
+    to `(*batch, num_classes)` logits.
 
     !!! Example
 
@@ -207,7 +283,16 @@ def resnet34(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> Re
 
 
 def resnet50(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> ResNet:
-    """ResNet-50 (Bottleneck, 3-4-6-3). Keyword arguments as `ResNet`'s.
+    """ResNet-50 (Bottleneck, 3-4-6-3), with torchvision's parameter names.
+
+    **Arguments:**
+
+    - `num_classes`: size of the `fc` head.
+    - `key`: PRNG key for the initialisation.
+    - `**kwargs`: passed to `ResNet` (`in_channels`, `width`, `small_input`).
+
+    **Returns:** a `ResNet` in training mode; `model(x)` maps `(*batch, H, W, C)` images
+    to `(*batch, num_classes)` logits.
 
     !!! Example
 

@@ -31,7 +31,27 @@ def _timm_linear(linear: Linear, key: PRNGKeyArray) -> Linear:
 
 
 class PatchEmbed(Module):
-    """Split an image into patches and embed them: a strided convolution `proj`."""
+    """Split an image into patches and embed them: a strided convolution `proj` (timm's
+    `PatchEmbed`, so the weight is `patch_embed.proj.weight`).
+
+    **Arguments:**
+
+    - `patch_size`: side of the square patches (kernel size and stride of `proj`).
+    - `in_channels`: image channels.
+    - `dim`: embedding size.
+    - `key`: PRNG key for the initialisation.
+
+    **Returns:** `embed(x)` returns the patch tokens, `(*batch, (H // patch_size) * (W //
+    patch_size), dim)` in row-major patch order, for channels-last images `x` of shape
+    `(*batch, H, W, in_channels)`.
+
+    !!! Example
+
+        ```python
+        embed = treenn.models.PatchEmbed(4, 3, 192, key=jax.random.key(0))
+        tokens = embed(jnp.ones((8, 32, 32, 3)))  # (8, 64, 192)
+        ```
+    """
 
     proj: Conv2d
 
@@ -47,7 +67,27 @@ class PatchEmbed(Module):
 
 class Block(Module):
     """A pre-norm transformer block: `x + drop_path1(attn(norm1(x)))`, then
-    `x + drop_path2(mlp(norm2(x)))`."""
+    `x + drop_path2(mlp(norm2(x)))`, with timm's submodule names.
+
+    **Arguments:**
+
+    - `dim`: token size.
+    - `num_heads`: attention heads; must divide `dim`.
+    - `mlp_ratio`: hidden size of the MLP over `dim`.
+    - `drop_path`: stochastic depth rate of both residual branches (`nn.DropPath`).
+    - `key`: PRNG key for the initialisation (timm's: truncated normal Linear weights).
+
+    **Returns:** `block(x, key=None)` returns an array of `x`'s shape `(*batch, tokens,
+    dim)`. In training mode with `drop_path > 0` it needs `key`.
+
+    !!! Example
+
+        ```python
+        block = treenn.models.Block(192, 3, 4.0, 0.1, key=jax.random.key(0))
+        y = block(jnp.ones((8, 65, 192)), key=jax.random.key(1))  # (8, 65, 192)
+        y = nn.eval_mode(block)(jnp.ones((8, 65, 192)))  # no key needed
+        ```
+    """
 
     norm1: LayerNorm
     attn: Attention
@@ -98,6 +138,21 @@ class VisionTransformer(Module):
 
     Initialisation follows timm: truncated normal (std 0.02) for `pos_embed` and the
     Linear layers (zero biases), normal (std 1e-6) for `cls_token`.
+
+    **Returns:** `model(x, key=None)` returns logits `(*batch, num_classes)` for images
+    `x` of shape `(*batch, img_size, img_size, in_channels)`. A new model is in training
+    mode: with `drop_rate` or `drop_path_rate` above 0 it needs `key` (or
+    `nn.eval_mode` first).
+
+    !!! Example
+
+        ```python
+        model = treenn.models.VisionTransformer(
+            10, img_size=32, patch_size=4, dim=64, depth=2, num_heads=2,
+            key=jax.random.key(0),
+        )
+        logits = model(jnp.ones((8, 32, 32, 3)))  # (8, 10)
+        ```
     """
 
     patch_embed: PatchEmbed
@@ -166,8 +221,17 @@ class VisionTransformer(Module):
 
 
 def vit_tiny(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> VisionTransformer:
-    """ViT-Tiny: dim 192, depth 12, 3 heads. Keyword arguments as `VisionTransformer`'s
-    (`img_size`, `patch_size`, `depth`, `drop_path_rate`...).
+    """ViT-Tiny: dim 192, depth 12, 3 heads, with timm's parameter names.
+
+    **Arguments:**
+
+    - `num_classes`: size of the `head`.
+    - `key`: PRNG key for the initialisation.
+    - `**kwargs`: passed to `VisionTransformer` (`img_size`, `patch_size`, `depth`,
+        `drop_path_rate`...).
+
+    **Returns:** a `VisionTransformer` in training mode; `model(x)` maps `(*batch,
+    img_size, img_size, C)` images to `(*batch, num_classes)` logits.
 
     !!! Example
 
@@ -180,7 +244,17 @@ def vit_tiny(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> Vi
 
 
 def vit_small(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> VisionTransformer:
-    """ViT-Small: dim 384, depth 12, 6 heads. Keyword arguments as `VisionTransformer`'s.
+    """ViT-Small: dim 384, depth 12, 6 heads, with timm's parameter names.
+
+    **Arguments:**
+
+    - `num_classes`: size of the `head`.
+    - `key`: PRNG key for the initialisation.
+    - `**kwargs`: passed to `VisionTransformer` (`img_size`, `patch_size`, `depth`,
+        `drop_path_rate`...).
+
+    **Returns:** a `VisionTransformer` in training mode; `model(x)` maps `(*batch,
+    img_size, img_size, C)` images to `(*batch, num_classes)` logits.
 
     !!! Example
 
