@@ -93,7 +93,25 @@ _SCALARS: dict[str, type] = {"bool": bool, "int": int, "float": float}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model."""
+    """A checkpoint file that cannot be read or does not fit the model: raised by
+    `treenn.save`, `treenn.load`, `treenn.load_pretrained` and `treenn.load_torch`, with
+    a message naming the file and every offending path. A subclass of `ValueError`.
+
+    **Arguments:**
+
+    - `message`: what is wrong, as for any exception (raised by treenn, not by users).
+
+    **Returns:** an exception instance; `str(error)` is the message.
+
+    !!! Example
+
+        ```python
+        try:
+            model = treenn.load("model.safetensors", like=model)
+        except treenn.CheckpointError as error:
+            print(error)  # ...does not fit the model: shape/dtype/type mismatch: 'fc.weight'...
+        ```
+    """
 
 
 # -- the safetensors container ---------------------------------------------------------
@@ -510,6 +528,10 @@ def save(path: PathLike, model: Any) -> None:
     written one at a time: saving needs no more extra host memory than the largest
     array. Python `int`, `float` and `bool` leaves are stored exactly in the metadata.
 
+    **Returns:** `None`; the checkpoint is in the file. Raises `CheckpointError` for what
+    it cannot store faithfully: two leaves sharing a path, a traced value (a call inside
+    `jit`), a dtype safetensors has no code for.
+
     !!! Example
 
         ```python
@@ -737,12 +759,27 @@ def _check_statuses(file: SafetensorsFile, meta: dict[str, Any], slots: _Slots) 
 @dataclasses.dataclass(frozen=True)
 class LoadReport:
     """What `treenn.load_pretrained` matched, like PyTorch's `load_state_dict(strict=False)`.
+    Made by `treenn.load_pretrained`, not by users; every list holds dotted paths.
+
+    **Arguments:** (its fields)
 
     - `loaded`: paths filled from the file.
     - `missing`: paths of the model the file lacks (kept as initialised: a new head).
     - `unexpected`: paths of the file the model lacks (ignored: an old head).
     - `skipped`: paths in both whose shape or dtype differ (kept as initialised), when
         `skip_mismatched=True`.
+
+    **Returns:** a frozen dataclass with those four fields.
+
+    !!! Example
+
+        ```python
+        model, report = treenn.load_pretrained(
+            "pretrained.safetensors", new_model, skip_mismatched=True
+        )
+        print(report.skipped)  # ['layers.2.weight', 'layers.2.bias']: a new head size
+        assert not report.missing and not report.unexpected
+        ```
     """
 
     loaded: list[str]

@@ -24,6 +24,34 @@ from ._status import is_array_leaf, unmarked
 from ._tree import by_type, dotted, flatten
 
 Where: TypeAlias = "None | str | type | tuple[type, ...] | Callable[[Any], Any]"
+"""The type of every `where=` argument (`treenn.freeze`, `nn.eval_mode`, `treenn.labels`
+rules...): which parts of a model an operation applies to. Selecting a node selects
+everything inside it.
+
+**Arguments:** (the forms a `Where` takes)
+
+- `None`: the whole model.
+- a class or tuple of classes: every instance, at any depth, the root included.
+- a string: a glob over dotted paths (`"backbone.layer1.0.conv1.weight"`): `*` matches
+    one component (or, inside a component, any characters), `**` any number of
+    components, zero included.
+- any other callable: an `eqx.tree_at`-style getter, `lambda m: m.head`, returning one
+    node or a sequence of nodes.
+
+**Returns:** (what an operation does with it) the set of dotted paths selected: a path
+is covered when it or one of its ancestors is selected. A selector of none of these forms
+raises a `TypeError`; one that selects nothing the operation acts on, a `ValueError`
+naming it and the paths available.
+
+!!! Example
+
+    ```python
+    model = treenn.models.resnet18(10, key=jax.random.key(0))
+    model = treenn.freeze(model, where="layer1.**")  # a glob
+    model = nn.eval_mode(model, where=nn.BatchNorm)  # a class
+    model = treenn.unfreeze(model, where=lambda m: m.fc)  # a getter
+    ```
+"""
 
 _FORBIDDEN = set("[]?{}()|\\^$+!,; \t\n")
 
