@@ -32,6 +32,25 @@ class Labels:
     Attributes: `paths`, a dict from the dotted path of each array of the model (frozen
     ones included) to its label; `scales` (from `treenn.layer_decay`: label -> learning
     rate factor; `None` otherwise).
+
+    **Arguments:** made by `treenn.labels(model, rules)` or `treenn.layer_decay(model,
+    decay)`, not built directly. Called as `labels(params)`:
+
+    - `params`: a tree of the model's arrays, usually `treenn.trainable(model)` (optax
+        passes it).
+
+    **Returns:** `params` with each array replaced by its label string (other leaves kept),
+    the tree `optax.multi_transform` expects. `labels.label(path)` gives one path's label,
+    `labels.transforms(make)` a `{label: make(scale)}` dict from `scales`.
+
+    !!! Example
+
+        ```python
+        model = treenn.models.resnet18(10, key=jax.random.key(0))
+        groups = treenn.labels(model, {"fc.**": "head", "**": "backbone"})
+        groups.paths["fc.weight"]  # 'head'
+        groups(treenn.trainable(model)).conv1.weight  # 'backbone'
+        ```
     """
 
     def __init__(self, rules: list[_Rule], paths: dict[str, str], scales: Any = None):

@@ -49,6 +49,15 @@ class Module(Unwrapping, eqx.Module):
     gradient stopped, so even `eqx.filter_grad` of the whole model gives it a zero
     gradient. Everything else is exactly `equinox.Module`.
 
+    **Arguments:** what a subclass declares: its fields (annotated class attributes;
+    `eqx.field(static=True)` for non-array configuration), set in `__init__`, which takes
+    a keyword-only `key` when it initialises parameters. By treenn's convention
+    `__call__(x, *, key=None)` takes the PRNG key keyword-only too, so the module works
+    in `nn.Sequential` and under `treenn.train_step`.
+
+    **Returns:** what the subclass's `__call__` returns. The module itself is immutable:
+    `treenn.freeze`, `nn.eval_mode`, `treenn.apply`... return a new one.
+
     !!! Example
 
         ```python
@@ -60,6 +69,10 @@ class Module(Unwrapping, eqx.Module):
 
             def __call__(self, x, *, key=None):
                 return self.linear(x)
+
+
+        head = Head(key=jax.random.key(0))
+        y = head(jnp.ones((4, 8)))  # (4, 2)
         ```
     """
 
