@@ -29,15 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import EqxUser, Net, optax_promotion
+from conftest import EqxUser, Net, leaves_by_path, optax_promotion
 from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, Float
 
 import treenn
 import treenn.nn as nn
 from treenn import CheckpointError, models
-from treenn._status import status_of
-from treenn._tree import dotted, flatten
 
 # -- the world the rows misuse ------------------------------------------------------------
 
@@ -174,10 +172,10 @@ def fingerprint(world: World) -> dict[str, Any]:
     """Every reachable model's leaves (bits, status), modes and pins; every file's bytes."""
     out: dict[str, Any] = {}
     for name, model in world.models().items():
-        paths, leaves, treedef = flatten(model)
         out[name] = (
-            treedef,
-            [(dotted(p), status_of(x).value, _leaf(x)) for p, x in zip(paths, leaves)],
+            jax.tree_util.tree_structure(model),  # status marks are nodes: kept in here
+            [(path, _leaf(x)) for path, x in leaves_by_path(model)],
+            treenn.statuses(model),
             nn.modes(model),
             nn.pinned(model),
         )
