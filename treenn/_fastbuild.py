@@ -10,7 +10,7 @@ unflatten produces. Node types it does not know are rebuilt by JAX as usual.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -120,7 +120,7 @@ def _child_names(treedef: Any) -> list[str] | None:
     return names
 
 
-def builder(treedef: Any, statics: tuple[Any, ...], dynamic: Any) -> Callable[[list[Any]], Any]:
+def builder(treedef: Any, statics: tuple[Any, ...], dynamic: Any) -> Callable[[Sequence[Any]], Any]:
     """A function `build(a)` that returns `treedef` filled with the leaves `statics`,
     taking the entries equal to `dynamic` from the list `a`, in order."""
     writer = _Writer()

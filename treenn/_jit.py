@@ -77,12 +77,13 @@ class _Structure:
         plan = _plan(treedef, statics) if _immutable(treedef) else None
         self.plan = None if plan is _ITEM or plan is _NONE else plan
         # A tuple (an optimiser state) is recognised by code generated for its plan.
-        self.guard, self.collect = _tuple_code(plan) if type(plan) is tuple else (None, None)
-        self._fast: Callable[[Sequence[Any]], Any] | None = None
+        code: tuple[Any, Any] = _tuple_code(plan) if type(plan) is tuple else (None, None)
+        self.guard, self.collect = code
+        self._fast: Callable[[Any], Any] | None = None
 
     def build_fast(self, arrays: Sequence[Any]) -> Any:
         """`build`, through code generated once for this structure (per-call outputs)."""
-        fast = self._fast
+        fast: Callable[[Any], Any] | None = self._fast
         if fast is None:
             try:
                 fast = builder(self.treedef, self.statics, None)
@@ -382,7 +383,7 @@ class Jitted(Generic[_P, _R]):
                 key.append(_ARRAY)
                 continue
             hit = known.get(id(x))
-            arrays: Sequence[Any] = []
+            arrays: list[Any] = []
             if hit is not None and _still(hit, x, arrays):
                 memo[id(x)] = hit
                 structure = hit.structure
@@ -423,7 +424,7 @@ class Jitted(Generic[_P, _R]):
         self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[list[Any], _Structure]:
         leaves, treedef = jtu.tree_flatten(x)
-        arrays: Sequence[Any] = []
+        arrays: list[Any] = []
         statics: list[Any] = []
         for leaf in leaves:
             if is_array(leaf):
