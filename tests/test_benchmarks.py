@@ -19,7 +19,7 @@ BENCHMARKS = ROOT / "tests" / "benchmarks"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["dispatch.py", "surgery.py", "finetune_step.py"])
+@pytest.mark.parametrize("script", ["dispatch.py", "surgery.py", "finetune_step.py", "memory.py"])
 def test_benchmark_smoke_run(script):
     env = {
         **os.environ,

@@ -91,7 +91,8 @@ def unchanged(before: Any, after: Any, where: Any, *, buffers: bool = True) -> b
     def pick(tree: Any) -> list[Any]:
         if not buffers:  # the parameters only: what would train if unfrozen
             tree = treenn.trainable(treenn.unfreeze(tree))
-        return jax.tree.leaves(tree)
+        # Arrays only: `inference` flags are leaves too, and the trained model's modes differ.
+        return [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
 
     a, b = pick(where(before)), pick(where(after))
     return all(np.array_equal(u, v) for u, v in zip(a, b))

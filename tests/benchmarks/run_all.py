@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CPU_SCRIPTS = ["dispatch.py", "surgery.py", "finetune_step.py", "compile.py"]
+CPU_SCRIPTS = [
+    "dispatch.py",
+    "surgery.py",
+    "finetune_step.py",
+    "compile.py",
+    "memory.py",
+    "checkpoints.py",
+]
 
 
 def _has_gpu() -> bool:
