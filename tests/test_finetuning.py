@@ -69,6 +69,18 @@ def test_load_pretrained_with_nothing_in_common_is_an_error(tmp_path, net, key):
         treenn.load_pretrained(tmp_path / "missing.safetensors", net)
 
 
+def test_load_pretrained_where_every_path_has_another_shape_names_them(tmp_path, key):
+    """With skip_mismatched=True and every path of another shape, the error lists the
+    model's arrays and why each was skipped (it listed none: they were not 'missing')."""
+    path = tmp_path / "p.safetensors"
+    treenn.save(path, nn.Linear(2, 3, key=key))
+    with pytest.raises(
+        treenn.CheckpointError,
+        match=r"model: 'bias', 'weight'; skipped for shape/dtype: .*'bias': file float32\[3\]",
+    ):
+        treenn.load_pretrained(path, nn.Linear(2, 4, key=key), skip_mismatched=True)
+
+
 # -- migrate_opt_state --------------------------------------------------------------------
 
 

@@ -850,9 +850,11 @@ def load_pretrained(
             + "; ".join(wrong)
         )
     if not loaded:
+        # Name the model's arrays whether they were missing or skipped for their shape.
         raise CheckpointError(
-            f"{label}: no array of the file matches the model by path; file: "
-            f"{few(sorted(file.entries))}; model: {few(missing)}"
+            f"{label}: no array of the file matches the model by path, shape and dtype; "
+            f"file: {few(sorted(file.entries))}; model: {few(sorted(missing + skipped))}"
+            + (f"; skipped for shape/dtype: {'; '.join(wrong)}" if wrong else "")
         )
     check_filled("treenn.load_pretrained", file.label, names, new)
     model = settle_modes(unflatten(treedef, new))
