@@ -1027,7 +1027,7 @@ CASES = [
         lambda w: treenn.load_pretrained(w.linear_ckpt, w.net),
         CheckpointError,
         r"load_pretrained\('.*linear\.safetensors'\): no array of the file matches the model "
-        r"by path; file: 'bias', 'weight'; model: 'backbone",
+        r"by path, shape and dtype; file: 'bias', 'weight'; model: 'backbone",
     ),
     case(
         "load_pretrained/shape-mismatch",
