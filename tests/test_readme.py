@@ -44,10 +44,14 @@ def test_the_two_commands_are_ci_and_the_main_job():
     text = README.read_text()
     commands = re.search(r"## The two commands\n\n```bash\n(.*?)```", text, re.S)[1]
     lines = [line.split("#")[0].strip() for line in commands.splitlines()]
-    assert lines == ["python examples/finetune.py", "pytest"]
+    assert lines == [
+        'pip install -e ".[examples]" && python examples/finetune.py',
+        'pip install -e ".[test,docs]" && pytest',
+    ]
     assert (ROOT / "examples" / "finetune.py").exists()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert ci[-1] == "pytest"  # CI runs exactly the README's test command
+    # CI runs exactly the README's test command.
+    assert ci[-2:] == ['pip install -e ".[test,docs]"', "pytest"]
 
 
 def test_readme_links_exist():
