@@ -8,12 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import optax_promotion
+from conftest import leaves_by_path, optax_promotion
 
 import treenn
 from treenn import nn
-from treenn._status import is_array_leaf, status_of, unmarked
-from treenn._tree import dotted, flatten
 
 
 def _loss(params, static, x):
@@ -76,9 +74,5 @@ def test_filter_spec_rejects_a_class(model):
 
 def _arrays(model):
     """`(path, status, array)` of every array leaf."""
-    paths, leaves, _ = flatten(model)
-    return [
-        (dotted(p), status_of(x).value, unmarked(x))
-        for p, x in zip(paths, leaves)
-        if is_array_leaf(x)
-    ]
+    status = treenn.statuses(model)
+    return [(p, status[p], x) for p, x in leaves_by_path(model) if p in status]

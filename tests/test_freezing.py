@@ -10,11 +10,18 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 import pytest
-from conftest import NET_BUFFERS, NET_PARAMS, optax_promotion, paths_with, statuses
+from conftest import (
+    NET_BUFFERS,
+    NET_PARAMS,
+    dotted,
+    leaves_by_path,
+    optax_promotion,
+    paths_with,
+    statuses,
+)
 
 import treenn
 from treenn import nn
-from treenn._tree import dotted, flatten
 
 BIASES = {"backbone.layers.0.bias", "backbone.layers.1.bias", "backbone.layers.4.bias", "head.bias"}
 
@@ -27,9 +34,7 @@ def trainable_leaf_paths(model):
 
 def leaf(tree, path):
     """The raw array at a dotted path (through status marks)."""
-    paths, leaves, _ = flatten(tree, keep_marks=False)
-    found = dict(zip((dotted(p) for p in paths), leaves))
-    return found[path]
+    return dict(leaves_by_path(tree))[path]
 
 
 class Counter(treenn.Module):
@@ -169,7 +174,7 @@ def test_freezing_does_not_change_paths(net, eqx_user):
         return [jtu.keystr(p) for p, _ in jtu.tree_flatten_with_path(model)[0]]
 
     def dotted_paths(model):
-        return [dotted(p) for p in flatten(model)[0]]
+        return [path for path, _ in leaves_by_path(model)]
 
     for model, part in ((net, "backbone.layers.1"), (eqx_user, "mlp.layers.0")):
         for frozen in (treenn.freeze(model), treenn.freeze(model, part)):

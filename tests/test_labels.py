@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import optax_promotion
+from conftest import leaves_by_path, optax_promotion
 
 import treenn
 import treenn.nn as nn
@@ -25,10 +25,7 @@ def _sgd_groups(model, groups, rates):
 
 
 def _by_path(tree):
-    from treenn._tree import dotted, flatten
-
-    paths, leaves, _ = flatten(tree)
-    return {dotted(p): x for p, x in zip(paths, leaves) if hasattr(x, "shape")}
+    return {p: x for p, x in leaves_by_path(tree) if hasattr(x, "shape")}
 
 
 def test_labels_plug_into_multi_transform_first_match_wins(net):
@@ -152,10 +149,7 @@ def test_layer_decay_resnet_and_lora(key):
 
 
 def _flat_labels(tree):
-    from treenn._tree import dotted, flatten
-
-    paths, leaves, _ = flatten(tree)
-    return {dotted(p): x for p, x in zip(paths, leaves) if isinstance(x, str)}
+    return {p: x for p, x in leaves_by_path(tree) if isinstance(x, str)}
 
 
 def test_layer_decay_misuse(net, key):

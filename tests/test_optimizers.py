@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import optax_promotion
+from conftest import leaves_by_path, optax_promotion
 
 import treenn
 import treenn.nn as nn
-from treenn._tree import dotted, flatten
 
 
 class Small(treenn.Module):
@@ -55,12 +54,7 @@ def xent(model: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
 
 def arrays(tree: Any) -> dict[str, Any]:
     """Dotted path -> value of every array leaf (marks unwrapped)."""
-    out = {}
-    for path, leaf in zip(*flatten(tree)[:2]):
-        value = getattr(leaf, "value", leaf)
-        if isinstance(value, jax.Array):
-            out[dotted(path)] = value
-    return out
+    return {path: x for path, x in leaves_by_path(tree) if isinstance(x, jax.Array)}
 
 
 # -- migrate_opt_state: gradual unfreezing with per-group transforms ------------------------

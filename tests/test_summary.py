@@ -15,7 +15,7 @@ from conftest import Net
 
 import treenn
 import treenn.nn as nn
-from treenn._summary import rows
+from treenn._summary import rows  # private on purpose: the table summary() prints, as numbers
 
 COLUMNS = ("path", "module", "shape", "dtype", "params", "status", "mode")
 
