@@ -8,12 +8,12 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
+from conftest import leaves_by_path
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import treenn
 import treenn.nn as nn
-from treenn._summary import rows
-from treenn._tree import dotted, flatten
+from treenn._summary import rows  # private on purpose: the table summary() prints, as numbers
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -72,8 +72,7 @@ def build(spec: Any, key: jax.Array | None = None) -> Any:
 
 
 def array_paths(model: Any) -> list[str]:
-    paths, leaves, _ = flatten(model, keep_marks=False)
-    return [dotted(p) for p, x in zip(paths, leaves) if isinstance(x, jax.Array)]
+    return [p for p, x in leaves_by_path(model) if isinstance(x, jax.Array)]
 
 
 @st.composite

@@ -21,13 +21,19 @@ import pytest
 import safetensors.numpy
 import torch
 import torch_reference as ref
-from conftest import NET_BUFFERS, NET_PARAMS, Net, optax_promotion, paths_with, statuses
+from conftest import (
+    NET_BUFFERS,
+    NET_PARAMS,
+    Net,
+    leaves_by_path,
+    optax_promotion,
+    paths_with,
+    statuses,
+)
 
 import treenn
 import treenn.nn as nn
 from treenn import models
-from treenn._status import is_array_leaf, unmarked
-from treenn._tree import dotted, flatten
 
 TOL = 1e-4
 
@@ -38,8 +44,8 @@ def close(got: Any, want: Any, tol: float = TOL) -> None:
 
 def arrays(model: Any) -> dict[str, np.ndarray]:
     """Dotted path -> value of every array in a treenn model (marks unwrapped)."""
-    paths, leaves, _ = flatten(model)
-    return {dotted(p): np.asarray(unmarked(x)) for p, x in zip(paths, leaves) if is_array_leaf(x)}
+    status = treenn.statuses(model)
+    return {p: np.asarray(x) for p, x in leaves_by_path(model) if p in status}
 
 
 def nhwc(x: torch.Tensor) -> jax.Array:
