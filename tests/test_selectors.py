@@ -17,9 +17,7 @@ from conftest import NET_BUFFERS, NET_PARAMS, Net, paths_with
 
 import treenn
 from treenn import nn
-from treenn._selectors import glob_regex, select
-from treenn._status import is_array_leaf
-from treenn._tree import dotted, flatten
+from treenn._selectors import glob_regex, select  # private on purpose: the selector engine itself
 
 # -- helpers --------------------------------------------------------------------------
 
@@ -35,8 +33,7 @@ def trainable_paths(model):
 def covered(where, model):
     """The dotted array paths of `model` a selector covers."""
     selection = select(where, model)
-    found, leaves, _ = flatten(model)
-    paths = [dotted(p) for p, x in zip(found, leaves) if is_array_leaf(x)]
+    paths = list(treenn.statuses(model))  # every array's dotted path
     if selection is None:
         return set(paths)
     return {p for p in paths if selection.covers(p)}
@@ -474,7 +471,7 @@ def test_selector_matching_nodes_of_the_wrong_kind_is_an_error(net):
 
 
 def test_paths_are_pytorch_style_dotted(containers):
-    paths = [dotted(p) for p in flatten(containers)[0]]
+    paths = list(treenn.statuses(containers))
     assert paths[:4] == ["blocks.0.weight", "blocks.0.bias", "blocks.1.weight", "blocks.1.bias"]
     assert {"heads.enc.weight", "heads.dec.bias", "extra.0", "extra.1"} <= set(paths)
     assert frozen_paths(treenn.freeze(containers, "blocks.1.weight")) == {"blocks.1.weight"}
@@ -497,7 +494,7 @@ def _keystrs(model):
 
 
 def _dotted_paths(model):
-    return [dotted(p) for p in flatten(model)[0]]
+    return list(treenn.statuses(model))
 
 
 def test_paths_identical_for_frozen_arrays(net, containers):
