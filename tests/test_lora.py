@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import close, optax_promotion, rand, rand_np, statuses
+from conftest import close, named, optax_promotion, rand, rand_np, statuses
 
 import treenn
 import treenn.nn as nn
-from treenn._lora import (
+from treenn._lora import (  # private on purpose: the classes treenn.lora builds
     LoRAConv2d,
     LoRAEqxConv2d,
     LoRAEqxLinear,
@@ -377,7 +377,7 @@ def test_shard_rules_on_adapted_model(key):
 
 def test_load_torch_base_weights_by_unchanged_paths(key):
     vit = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=1, key=key)
-    state = {k: np.asarray(v) for k, v in _named_arrays(vit).items()}
+    state = {k: np.asarray(v) for k, v in named(vit).items()}
     other = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=1, key=jax.random.key(9))
     adapted = treenn.lora(treenn.freeze(other), "**.qkv", rank=2, key=key)
     loaded, report = treenn.load_torch(adapted, state, strict=False, report=True)
@@ -386,13 +386,6 @@ def test_load_torch_base_weights_by_unchanged_paths(key):
     assert statuses(loaded) == statuses(adapted)
     with pytest.raises(treenn.CheckpointError, match="lora_A"):
         treenn.load_torch(adapted, state)
-
-
-def _named_arrays(model):
-    from treenn._tree import dotted, flatten
-
-    paths, leaves, _ = flatten(model)
-    return {dotted(p): np.asarray(x) for p, x in zip(paths, leaves) if hasattr(x, "shape")}
 
 
 # -- numerics against Hugging Face PEFT -------------------------------------------------
@@ -454,15 +447,14 @@ def test_matches_peft_linear_and_conv2d():
 
 
 def _fill(layer, w, b, a, bb):
-    from treenn._status import Frozen
-
-    return treenn._tree.replace_fields(
+    """New values for the adapter's arrays; `eqx.tree_at` keeps their statuses."""
+    filled = eqx.tree_at(
+        lambda m: (m.weight, m.bias, m.lora_A, m.lora_B),
         layer,
-        weight=Frozen(jnp.asarray(w)),
-        bias=Frozen(jnp.asarray(b)),
-        lora_A=jnp.asarray(a),
-        lora_B=jnp.asarray(bb),
+        tuple(map(jnp.asarray, (w, b, a, bb))),
     )
+    assert statuses(filled) == statuses(layer)  # the base weights stay frozen
+    return filled
 
 
 @pytest.mark.slow
@@ -491,7 +483,6 @@ def test_matches_peft_multihead_attention():
     twice (huggingface/peft#3774), so with it nonzero PEFT is no reference."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from treenn._status import Frozen
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -509,21 +500,26 @@ def test_matches_peft_multihead_attention():
     key = jax.random.key(0)
     mha = treenn.lora(nn.MultiheadAttention(8, 2, key=key), None, rank=2, alpha=3, key=key)
     b_out = rand_np((8, 2), seed=5)
-    out_proj = treenn._tree.replace_fields(
+    out_proj = _fill(
         mha.out_proj,
-        weight=Frozen(jnp.asarray(sd["base_layer.out_proj.base_layer.weight"])),
-        bias=Frozen(jnp.asarray(sd["base_layer.out_proj.base_layer.bias"])),
-        lora_A=jnp.asarray(sd["base_layer.out_proj.lora_A.default.weight"]),
-        lora_B=jnp.zeros((8, 2)),
+        sd["base_layer.out_proj.base_layer.weight"],
+        sd["base_layer.out_proj.base_layer.bias"],
+        sd["base_layer.out_proj.lora_A.default.weight"],
+        np.zeros((8, 2), np.float32),
     )
-    mha = treenn._tree.replace_fields(
+    filled = eqx.tree_at(
+        lambda m: (m.in_proj_weight, m.in_proj_bias, m.lora_A, m.lora_B, m.out_proj),
         mha,
-        in_proj_weight=Frozen(jnp.asarray(sd["base_layer.in_proj_weight"])),
-        in_proj_bias=Frozen(jnp.asarray(sd["base_layer.in_proj_bias"])),
-        lora_A=jnp.asarray(sd["lora_A.default.weight"]),
-        lora_B=jnp.asarray(sd["lora_B.default.weight"]),
-        out_proj=out_proj,
+        (
+            jnp.asarray(sd["base_layer.in_proj_weight"]),
+            jnp.asarray(sd["base_layer.in_proj_bias"]),
+            jnp.asarray(sd["lora_A.default.weight"]),
+            jnp.asarray(sd["lora_B.default.weight"]),
+            out_proj,
+        ),
     )
+    assert statuses(filled) == statuses(mha)  # the base weights stay frozen
+    mha = filled
     x = rand_np((2, 5, 8))
     xs = (torch.from_numpy(x),) * 3
     with torch.no_grad():
