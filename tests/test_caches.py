@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 import treenn
 import treenn.nn as nn
-from treenn import _caches
+from treenn import _caches  # private on purpose: the cache registry clear_caches() empties
 
 
 def _cached_entries() -> int:

@@ -13,6 +13,9 @@ from conftest import paths_with
 
 import treenn
 from treenn import nn
+
+# Private on purpose: these tests check the walker's internals (the class a marked layer
+# gets, the marks stored in it, which modules the walk may skip).
 from treenn._module import Unwrapping
 from treenn._status import Frozen
 from treenn._tree import holds_nothing, inert
