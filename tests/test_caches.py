@@ -6,6 +6,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import pytest
 
 import treenn
 import treenn.nn as nn
@@ -37,6 +38,7 @@ def test_clear_caches_empties_the_tree_helpers_tables():
     assert nn.modes(again) == nn.modes(model)
 
 
+@pytest.mark.slow  # a thousand fresh classes frozen: minutes in the whole suite
 def test_per_type_tables_are_bounded():
     limit = max(c.maxsize for c in _caches._WEAK if isinstance(c, _caches.Cache))
     for i in range(limit + 50):

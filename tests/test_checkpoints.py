@@ -871,6 +871,7 @@ def test_float_array_marked_as_prng_key_is_a_checkpoint_error(tmp_path: Path, ne
         treenn.load(path, net)
 
 
+@pytest.mark.slow  # the corrupt-header tests above stay quick
 def test_fuzzed_headers_are_checkpoint_errors_naming_the_file(
     tmp_path: Path, key: jax.Array
 ) -> None:

@@ -277,6 +277,7 @@ def test_adapter_dropout_is_mode_bearing(key):
     assert nn.modes(treenn.lora(mlp, "layers.0", rank=2, key=key)) == {"layers.1": False}
 
 
+@pytest.mark.slow  # a ViT's compile; test_adapter_dropout_is_mode_bearing stays quick
 def test_adapter_dropout_inside_attention_and_mlp_gets_keys(key):
     """treenn's Attention, MLP and MultiheadAttention hand their projections keys of
     their own, so an adapter's dropout trains inside them."""
