@@ -16,7 +16,7 @@ from typing import Any, cast
 from jax.sharding import PartitionSpec
 
 from ._selectors import few
-from ._sharding import _first_rule, _Rule
+from ._sharding import _first_rule, _Rule, check_rules_used
 from ._status import Status, is_array_leaf, status_of
 from ._tree import check_model, dotted, flatten, unflatten
 
@@ -184,21 +184,16 @@ def _label(model: Any, resolved: list[_Rule], scales: Any = None) -> Labels:
             f"{', '.join(r.name for r in resolved)}. End them with a catch-all such as "
             "'**': 'default'"
         )
-    for rule in resolved:
-        if rule.used:
-            continue
-        selected = [n for n in names if rule.covers(n)]
-        if not selected:
-            raise ValueError(
-                f"treenn.labels: rule {rule.name} matches no array of the model; arrays: "
-                f"{few(names)}"
-            )
-        earlier = [r.name for r in resolved if set(r.used) & set(selected)]
-        raise ValueError(
-            f"treenn.labels: rule {rule.name} is never used: every array it matches "
-            f"({few(selected, 4)}) is labelled by an earlier rule ({', '.join(earlier)}); "
-            "put the more specific rule first"
-        )
+    unused = [rule for rule in resolved if not rule.used]
+    check_rules_used(
+        "treenn.labels",
+        resolved,
+        unused,
+        names,
+        names,
+        nothing="no array of the model",
+        verb="labelled",
+    )
     return Labels(resolved, found, scales)
 
 

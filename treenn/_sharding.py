@@ -291,20 +291,41 @@ def _match(
     unused = [rule for rule in rules if explicit and not rule.used]
     if unused and _mirrors_no_model(tree):
         unused = []
+    check_rules_used(
+        "shard",
+        rules,
+        unused,
+        names,
+        names + holes,
+        nothing="no array (nor the place of a frozen array or buffer in an optimiser state)",
+        verb="placed",
+    )
+    return [rule for rule in chosen if rule is not None]
+
+
+def check_rules_used(
+    fn: str,
+    rules: list[Any],
+    unused: list[Any],
+    names: list[str],
+    candidates: list[str],
+    *,
+    nothing: str,
+    verb: str,
+) -> None:
+    """Raise for the first of `unused` (rules that chose nothing): it matches nothing
+    among `candidates`, or everything it matches went to an earlier rule. Shared by
+    `shard` and `treenn.labels`, whose rules are first-match-wins alike."""
     for rule in unused:
-        selected = [n for n in names + holes if rule.covers(n)]
+        selected = [n for n in candidates if rule.covers(n)]
         if not selected:
-            raise ValueError(
-                f"shard: rule {rule.name} matches no array (nor the place of a frozen array or "
-                f"buffer in an optimiser state); arrays: {few(names)}"
-            )
+            raise ValueError(f"{fn}: rule {rule.name} matches {nothing}; arrays: {few(names)}")
         earlier = [r.name for r in rules if set(r.used) & set(selected)]
         raise ValueError(
-            f"shard: rule {rule.name} is never used: every array it matches "
-            f"({few(selected, 4)}) is placed by an earlier rule ({', '.join(earlier)}); "
+            f"{fn}: rule {rule.name} is never used: every array it matches "
+            f"({few(selected, 4)}) is {verb} by an earlier rule ({', '.join(earlier)}); "
             "put the more specific rule first"
         )
-    return [rule for rule in chosen if rule is not None]
 
 
 # -- fit ----------------------------------------------------------------------------------
