@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,38 @@ def dotted(path: tuple[Any, ...]) -> str:
 def leaves_by_path(tree: Any) -> list[tuple[str, Any]]:
     """`(dotted path, leaf)` of every leaf, in leaf order, status marks seen through."""
     return [(dotted(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+SUMMARY_COLUMNS = ("path", "module", "shape", "dtype", "params", "status", "mode")
+
+
+def summary_rows(text: str) -> list[dict[str, str]]:
+    """The rows of a printed `treenn.summary`, in order, as `{column: cell}` (columns are
+    separated by two or more spaces; no cell holds two spaces in a row)."""
+    lines = text.splitlines()
+    assert re.split(r"\s{2,}", lines[0].strip()) == list(SUMMARY_COLUMNS)
+    out = []
+    for line in lines[1:]:
+        if set(line.strip()) <= {"-"} or line.startswith(("total", "note")):
+            continue
+        cells = re.split(r"\s{2,}", line.rstrip())  # a root module's path is ""
+        assert len(cells) == len(SUMMARY_COLUMNS), line
+        out.append(dict(zip(SUMMARY_COLUMNS, cells)))
+    return out
+
+
+def summary_totals(text: str) -> dict[str, tuple[int, float]]:
+    """The totals line of a printed `treenn.summary` as `{status: (params, bytes)}`, bytes
+    to the shown precision."""
+    line = [ln for ln in text.splitlines() if ln.startswith("total")]
+    assert len(line) == 1
+    out = {}
+    for status, params, amount, unit in re.findall(
+        r"(\w+): ([\d,]+) params \(([\d.]+) (B|KiB|MiB|GiB)\)", line[0]
+    ):
+        scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[unit]
+        out[status] = (int(params.replace(",", "")), float(amount) * scale)
+    return out
 
 
 # -- layer tests: data, names, references (one copy for every layer family) -------------

@@ -610,6 +610,35 @@ def test_threads_passing_their_own_models_back(lin):
     assert errors == []
 
 
+class _LookupOnly(dict):  # type: ignore[type-arg]
+    """A dict that fails when iterated: single lookups and pops only."""
+
+    def _iterated(self, *args: Any) -> Any:
+        raise AssertionError("the shared memo was iterated")
+
+    __iter__ = keys = values = items = _iterated  # type: ignore[assignment]
+
+
+def test_the_shared_memo_is_only_looked_up(lin):
+    """Regression: `_prepare` took the shared memo as an argument, and the suite's runtime
+    type checker iterated it while other threads (and weakref callbacks) changed it:
+    "dictionary changed size during iteration" in `test_threads_...` above, 8 times in 20
+    runs of it. Anything but single lookups races; this fails deterministically if the
+    shared memo is handed to something that iterates it."""
+    f = treenn.jit(lambda m: eqx.tree_at(lambda m: m.bias, m, m.bias + 1.0))
+    model = f(lin)
+    f._memo = _LookupOnly(f._memo)
+    assert id(model) in f._memo
+    model = f(model)  # recognised from the memo
+    np.testing.assert_allclose(model.bias, lin.bias + 2.0)
+    f._memo = _LookupOnly(f._memo)
+    key = id(model)
+    assert key in f._memo
+    del model
+    gc.collect()  # the weakref callback pops the dead model's record
+    assert key not in f._memo
+
+
 def test_weak_types_are_part_of_the_key():
     # As `jax.jit`: a weakly typed argument (a Python scalar turned array) is its own trace.
     cast = treenn.jit(lambda x: x.astype(jnp.float32))

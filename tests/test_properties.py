@@ -8,12 +8,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
-from conftest import leaves_by_path
+from conftest import leaves_by_path, summary_rows
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import treenn
 import treenn.nn as nn
-from treenn._summary import rows  # private on purpose: the table summary() prints, as numbers
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -203,13 +202,13 @@ def test_save_load_round_trip_is_bit_exact(data: Any, tmp_path_factory: Any) -> 
 def test_summary_totals_equal_the_sums_of_their_rows(data: Any) -> None:
     model = build(data.draw(specs()))
     model = try_(treenn.freeze, model, data.draw(selectors(model))) or model
-    table = rows(model)
     text = treenn.summary(model)
+    table = summary_rows(text)
     for status in ("trainable", "frozen", "buffer"):
-        params = sum(r[4] for r in table if r[5] == status)
+        params = sum(int(r["params"]) for r in table if r["status"] == status)
         assert f"{status}: {params:,} params" in text
     arrays = [x for x in jax.tree_util.tree_leaves(model) if isinstance(x, jax.Array)]
-    assert sum(r[4] for r in table) == sum(int(np.prod(x.shape)) for x in arrays)
+    assert sum(int(r["params"]) for r in table) == sum(int(np.prod(x.shape)) for x in arrays)
 
 
 @SETTINGS

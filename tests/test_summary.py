@@ -3,7 +3,6 @@ totals that agree with the model."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import equinox as eqx
@@ -11,13 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import Net
+from conftest import Net, summary_rows, summary_totals
 
 import treenn
 import treenn.nn as nn
-from treenn._summary import rows  # private on purpose: the table summary() prints, as numbers
-
-COLUMNS = ("path", "module", "shape", "dtype", "params", "status", "mode")
 
 
 class Mixed(treenn.Module):
@@ -33,30 +29,13 @@ class Mixed(treenn.Module):
 
 
 def table(text: str) -> dict[str, dict[str, str]]:
-    """Parse the table part of a summary into {path: {column: cell}}."""
-    lines = text.splitlines()
-    assert re.split(r"\s{2,}", lines[0].strip()) == list(COLUMNS)
-    out = {}
-    for line in lines[1:]:
-        if set(line.strip()) <= {"-"} or line.startswith("total"):
-            continue
-        cells = re.split(r"\s{2,}", line.strip())
-        assert len(cells) == len(COLUMNS), line
-        out[cells[0]] = dict(zip(COLUMNS, cells))
-    return out
+    """The table part of a summary as {path: {column: cell}}."""
+    return {row["path"]: row for row in summary_rows(text)}
 
 
-def totals(text: str) -> dict[str, tuple[int, float]]:
-    """Parse the totals line into {status: (params, bytes)} (bytes to the shown precision)."""
-    line = [ln for ln in text.splitlines() if ln.startswith("total")]
-    assert len(line) == 1
-    out = {}
-    for status, params, amount, unit in re.findall(
-        r"(\w+): ([\d,]+) params \(([\d.]+) (B|KiB|MiB|GiB)\)", line[0]
-    ):
-        scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[unit]
-        out[status] = (int(params.replace(",", "")), float(amount) * scale)
-    return out
+def cells(model: Any) -> list[tuple[str, ...]]:
+    """The printed rows of `treenn.summary(model)` as tuples of cells."""
+    return [tuple(row.values()) for row in summary_rows(treenn.summary(model))]
 
 
 def inexact_leaves(tree: Any) -> list[Any]:
@@ -88,57 +67,33 @@ def expected_totals(model: Mixed) -> dict[str, tuple[int, int]]:
 
 
 def test_rows_of_a_fresh_net(net: Net) -> None:
-    assert rows(net) == [
-        (
-            "backbone.layers.0.weight",
-            "Conv2d",
-            "(4, 3, 3, 3)",
-            "float32",
-            108,
-            "trainable",
-            "-",
-            432,
-        ),
-        ("backbone.layers.0.bias", "Conv2d", "(4,)", "float32", 4, "trainable", "-", 16),
-        ("backbone.layers.1.weight", "BatchNorm", "(4,)", "float32", 4, "trainable", "train", 16),
-        ("backbone.layers.1.bias", "BatchNorm", "(4,)", "float32", 4, "trainable", "train", 16),
-        (
-            "backbone.layers.1.running_mean",
-            "BatchNorm",
-            "(4,)",
-            "float32",
-            4,
-            "buffer",
-            "train",
-            16,
-        ),
-        ("backbone.layers.1.running_var", "BatchNorm", "(4,)", "float32", 4, "buffer", "train", 16),
-        ("backbone.layers.3", "Dropout", "-", "-", 0, "-", "train", 0),
-        (
-            "backbone.layers.4.weight",
-            "Conv2d",
-            "(4, 4, 3, 3)",
-            "float32",
-            144,
-            "trainable",
-            "-",
-            576,
-        ),
-        ("backbone.layers.4.bias", "Conv2d", "(4,)", "float32", 4, "trainable", "-", 16),
-        ("head.weight", "Linear", "(3, 4)", "float32", 12, "trainable", "-", 48),
-        ("head.bias", "Linear", "(3,)", "float32", 3, "trainable", "-", 12),
-    ]
+    assert cells(net) == [
+        ("backbone.layers.0.weight", "Conv2d", "(4, 3, 3, 3)", "float32", "108", "trainable", "-"),
+        ("backbone.layers.0.bias", "Conv2d", "(4,)", "float32", "4", "trainable", "-"),
+        ("backbone.layers.1.weight", "BatchNorm", "(4,)", "float32", "4", "trainable", "train"),
+        ("backbone.layers.1.bias", "BatchNorm", "(4,)", "float32", "4", "trainable", "train"),
+        ("backbone.layers.1.running_mean", "BatchNorm", "(4,)", "float32", "4", "buffer", "train"),
+        ("backbone.layers.1.running_var", "BatchNorm", "(4,)", "float32", "4", "buffer", "train"),
+        ("backbone.layers.3", "Dropout", "-", "-", "0", "-", "train"),
+        ("backbone.layers.4.weight", "Conv2d", "(4, 4, 3, 3)", "float32", "144", "trainable", "-"),
+        ("backbone.layers.4.bias", "Conv2d", "(4,)", "float32", "4", "trainable", "-"),
+        ("head.weight", "Linear", "(3, 4)", "float32", "12", "trainable", "-"),
+        ("head.bias", "Linear", "(3,)", "float32", "3", "trainable", "-"),
+    ]  # fmt: skip
+    # 283 trainable float32 parameters (1,132 bytes, shown as 1.1 KiB) and 8 in buffers.
+    shown = summary_totals(treenn.summary(net))
+    assert shown.keys() == {"trainable", "frozen", "buffer"}
+    assert shown["trainable"] == (283, pytest.approx(1132, abs=0.05 * 1024))
+    assert shown["frozen"] == (0, 0.0)
+    assert shown["buffer"] == (8, 32.0)
 
 
-def test_string_has_a_line_per_row(net: Net) -> None:
+def test_a_line_per_array_in_the_order_of_statuses(net: Net) -> None:
     model = nn.eval_mode(treenn.freeze(net, "backbone.**"), nn.BatchNorm, pin=True)
-    text = treenn.summary(model)
-    assert isinstance(text, str)
-    parsed = table(text)
-    expected = rows(model)
-    assert list(parsed) == [r[0] for r in expected]  # one line per row, in order
-    for row in expected:
-        assert tuple(parsed[row[0]].values()) == tuple(str(c) for c in row[:7])
+    rows = summary_rows(treenn.summary(model))
+    arrays = [(r["path"], r["status"]) for r in rows if r["shape"] != "-"]
+    assert arrays == list(treenn.statuses(model).items())
+    assert [r["path"] for r in rows if r["shape"] == "-"] == ["backbone.layers.3"]
 
 
 def test_reflects_freeze_and_modes(net: Net) -> None:
@@ -185,28 +140,26 @@ def test_totals_match_the_model(key: jax.Array, frozen: str | None) -> None:
     if frozen is not None:
         model = treenn.freeze(model, frozen)
     want = expected_totals(model)
-    table_rows = rows(model)
-    for status, (params, nbytes) in want.items():
-        assert sum(r[4] for r in table_rows if r[5] == status) == params, status
-        assert sum(r[7] for r in table_rows if r[5] == status) == nbytes, status
-    shown = totals(treenn.summary(model))
+    rows = summary_rows(treenn.summary(model))
+    for status, (params, _) in want.items():
+        assert sum(int(r["params"]) for r in rows if r["status"] == status) == params, status
+    shown = summary_totals(treenn.summary(model))
     for status, (params, nbytes) in want.items():
         got_params, got_bytes = shown[status]
         assert got_params == params, status
         # Shown to one decimal in KiB above 1 KiB.
         assert got_bytes == pytest.approx(nbytes, abs=0.05 * 1024 if nbytes >= 1024 else 0), status
     # The int32 array is never counted as trainable or frozen.
-    steps = [r for r in table_rows if r[0] == "steps"]
-    assert len(steps) == 1 and steps[0][5] not in ("trainable", "frozen", "buffer")
-    assert steps[0][4] == 3 and steps[0][3] == "int32"
+    steps = [r for r in rows if r["path"] == "steps"]
+    assert len(steps) == 1 and steps[0]["status"] not in ("trainable", "frozen", "buffer")
+    assert steps[0]["params"] == "3" and steps[0]["dtype"] == "int32"
 
 
 def test_bfloat16_rows_count_two_bytes(key: jax.Array) -> None:
     model = Mixed(key=key)
-    by_path = {r[0]: r for r in rows(model)}
-    assert by_path["half.weight"][2:5] == ("(5, 4)", "bfloat16", 20)
-    assert by_path["half.weight"][7] == 40
-    assert by_path["half.bias"][7] == 10
+    half = table(treenn.summary(model))["half.weight"]
+    assert (half["shape"], half["dtype"], half["params"]) == ("(5, 4)", "bfloat16", "20")
+    assert summary_totals(treenn.summary(model.half))["trainable"] == (25, 50.0)
 
 
 def test_totals_exact_bytes_for_small_model(key: jax.Array) -> None:
@@ -214,7 +167,7 @@ def test_totals_exact_bytes_for_small_model(key: jax.Array) -> None:
     model = nn.Sequential(nn.Linear(3, 4, key=key), nn.BatchNorm(4), nn.Dropout(0.5))
     model = treenn.freeze(model, "layers.0.weight")
     # Trainable: Linear bias 4 + BN weight/bias 8 = 12 params; frozen: 12; buffers: 8.
-    assert totals(treenn.summary(model)) == {
+    assert summary_totals(treenn.summary(model)) == {
         "trainable": (12, 48.0),
         "frozen": (12, 48.0),
         "buffer": (8, 32.0),
@@ -223,24 +176,24 @@ def test_totals_exact_bytes_for_small_model(key: jax.Array) -> None:
 
 def test_root_module_rows(key: jax.Array) -> None:
     bn = nn.eval_mode(nn.BatchNorm(3), pin=True)
-    assert [r[:7] for r in rows(bn)] == [
-        ("weight", "BatchNorm", "(3,)", "float32", 3, "trainable", "eval (pinned)"),
-        ("bias", "BatchNorm", "(3,)", "float32", 3, "trainable", "eval (pinned)"),
-        ("running_mean", "BatchNorm", "(3,)", "float32", 3, "buffer", "eval (pinned)"),
-        ("running_var", "BatchNorm", "(3,)", "float32", 3, "buffer", "eval (pinned)"),
+    assert cells(bn) == [
+        ("weight", "BatchNorm", "(3,)", "float32", "3", "trainable", "eval (pinned)"),
+        ("bias", "BatchNorm", "(3,)", "float32", "3", "trainable", "eval (pinned)"),
+        ("running_mean", "BatchNorm", "(3,)", "float32", "3", "buffer", "eval (pinned)"),
+        ("running_var", "BatchNorm", "(3,)", "float32", "3", "buffer", "eval (pinned)"),
     ]
 
 
 def test_plain_equinox_mlp(key: jax.Array) -> None:
     mlp = eqx.nn.MLP(2, 3, 4, 1, key=key)
-    assert [r[:7] for r in rows(mlp)] == [
-        ("layers.0.weight", "Linear", "(4, 2)", "float32", 8, "trainable", "-"),
-        ("layers.0.bias", "Linear", "(4,)", "float32", 4, "trainable", "-"),
-        ("layers.1.weight", "Linear", "(3, 4)", "float32", 12, "trainable", "-"),
-        ("layers.1.bias", "Linear", "(3,)", "float32", 3, "trainable", "-"),
+    assert cells(mlp) == [
+        ("layers.0.weight", "Linear", "(4, 2)", "float32", "8", "trainable", "-"),
+        ("layers.0.bias", "Linear", "(4,)", "float32", "4", "trainable", "-"),
+        ("layers.1.weight", "Linear", "(3, 4)", "float32", "12", "trainable", "-"),
+        ("layers.1.bias", "Linear", "(3,)", "float32", "3", "trainable", "-"),
     ]
     frozen = treenn.freeze(mlp, "layers.1")
-    shown = totals(treenn.summary(frozen))
+    shown = summary_totals(treenn.summary(frozen))
     assert shown["trainable"] == (12, 48.0)
     assert shown["frozen"] == (15, 60.0)
 

@@ -30,9 +30,10 @@ import functools
 import inspect
 import operator
 import threading
+import types
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 import equinox as eqx
@@ -98,6 +99,7 @@ class _Structure:
 
 
 _ARRAY: Any = object()  # the structure of a bare array argument
+_NOTHING: Mapping[int, Any] = types.MappingProxyType({})  # no tree remembered
 
 
 def _immutable(treedef: Any) -> bool:
@@ -340,7 +342,7 @@ class Jitted(Generic[_P, _R]):
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         memo: dict[int, _Known] = {}
-        jitted, lists = self._prepare(args, kwargs, self._memo, memo)
+        jitted, lists = self._prepare(args, kwargs, memo)
         if self._quiet:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -355,7 +357,7 @@ class Jitted(Generic[_P, _R]):
         """Trace and lower for these arguments without running, as `jax.jit(f).lower`:
         the result's `.compile()`, `.as_text()` and `.cost_analysis()` are JAX's. (Its
         executable takes treenn's internal flat argument lists: to run, call `f`.)"""
-        jitted, lists = self._prepare(args, kwargs, {}, {})
+        jitted, lists = self._prepare(args, kwargs, {}, recognise=False)
         return jitted.lower(*lists)
 
     # -- internals ----------------------------------------------------------------------
@@ -363,11 +365,17 @@ class Jitted(Generic[_P, _R]):
         self,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        known: dict[int, _Known],
         memo: dict[int, _Known],
+        recognise: bool = True,
     ) -> tuple[Any, list[list[Any]]]:
         """The compiled function for these arguments, and one list of arrays per argument
-        (positional arguments, then the keyword ones, then the function's own)."""
+        (positional arguments, then the keyword ones, then the function's own); the trees
+        recognised from the previous call (when `recognise`) and those to recognise next
+        time go to `memo`."""
+        # `self._memo` is shared: other threads replace it and weakref callbacks pop from
+        # it at any moment. Only single lookups are atomic, so it is read here, once, and
+        # never handed to anything that iterates it (as a runtime type checker would).
+        known = self._memo if recognise else _NOTHING
         if kwargs and self._signature is not None:
             args, kwargs = self._bind(args, kwargs)
         objects: tuple[Any, ...] = args
