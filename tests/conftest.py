@@ -36,6 +36,21 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Most of the quick loop's time is XLA compiling the same small programs run after
+    # run: keep the executables in pytest's cache folder (beside --lf's records; `-p
+    # no:cacheprovider` turns both off). JAX keys each entry by the program, the
+    # compiler options and the versions, so a change to treenn recompiles what it
+    # changes. The size bound turns on JAX's file lock, which xdist's workers share.
+    cache = getattr(config, "cache", None)
+    if cache is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache.mkdir("jax-compilation")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 1 << 30)
+
+
 @contextlib.contextmanager
 def optax_promotion() -> Iterator[None]:
     """optax mixes Python floats with int32 step counts, which strict promotion rejects;
