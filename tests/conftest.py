@@ -46,7 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if cache is None:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache.mkdir("jax-compilation")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", 1 << 30)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
@@ -93,21 +94,31 @@ def test_vit_paths_follow_timm():
         assert path in paths
 
 
+def shape_of(fn, *args):
+    """The output shape of `fn(*args)`, traced, not compiled (shapes only: the numerics
+    are checked against torchvision in test_torch_loading.py)."""
+    return eqx.filter_eval_shape(fn, *args).shape
+
+
+def images(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
 @pytest.mark.parametrize(
     "factory",
     [models.resnet18, models.resnet34, pytest.param(models.resnet50, marks=pytest.mark.slow)],
 )
 def test_resnet_forward_shapes(factory):
     model = small_resnet(factory)
-    logits, _ = treenn.apply(model, jnp.ones((2, 8, 8, 3)))
-    assert logits.shape == (2, 5)
-    assert nn.eval_mode(model)(jnp.ones((8, 8, 3))).shape == (5,)  # no batch axis
+    assert shape_of(lambda m, x: treenn.apply(m, x)[0], model, images(2, 8, 8, 3)) == (2, 5)
+    # No batch axis.
+    assert shape_of(lambda m, x: m(x), nn.eval_mode(model), images(8, 8, 3)) == (5,)
 
 
 def test_resnet_imagenet_stem_downsamples_by_32():
-    model = models.resnet18(3, width=4, key=jax.random.key(0))
-    logits, _ = treenn.apply(model, jnp.ones((2, 64, 64, 3)))
-    assert logits.shape == (2, 3)
+    model = eqx.filter_eval_shape(models.resnet18, 3, width=4, key=jax.random.key(0))
+    assert shape_of(lambda m, x: treenn.apply(m, x)[0], model, images(2, 64, 64, 3)) == (2, 3)
+    assert shape_of(lambda m, x: treenn.apply(m, x)[0], model, images(2, 32, 32, 3)) == (2, 3)
 
 
 @pytest.mark.slow
