@@ -585,6 +585,20 @@ def test_remembered_trees_are_forgotten_with_them(lin, x):
     assert len(f._memo) == 0
 
 
+def run_threads(worker: Any, args: Any) -> None:
+    """`worker(a)` in a thread per `a`, switching threads often (races show up quickly)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=worker, args=(a,)) for a in args]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_threads_passing_their_own_models_back(lin):
     f = treenn.jit(lambda m: eqx.tree_at(lambda m: m.bias, m, m.bias + 1.0))
     errors: list[str] = []
@@ -597,16 +611,7 @@ def test_threads_passing_their_own_models_back(lin):
                 errors.append(f"thread {i} step {n}: {float(model.bias[0])}")
                 return
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_threads(worker, range(4))
     assert errors == []
 
 
@@ -666,16 +671,7 @@ def test_thread_safe_when_the_output_structure_depends_on_the_shape():
         except Exception as err:  # noqa: BLE001 (reported below)
             errors.append(repr(err))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # switch threads often: races show up quickly
-    try:
-        threads = [threading.Thread(target=worker, args=(n,)) for n in (5, 3, 4, 2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_threads(worker, (5, 3, 4, 2))
     assert errors == []
 
 
