@@ -450,3 +450,87 @@ def test_unfreeze_with_unpin_is_gradual_unfreezing_in_one_call(net):
     assert nn.pinned(treenn.unfreeze(frozen, "backbone.layers.0", unpin=True)) == nn.pinned(frozen)
     with pytest.raises(ValueError, match="where='nothing' matches no"):
         treenn.unfreeze(frozen, "nothing", unpin=True)
+
+
+# -- regressions (issue 21) -----------------------------------------------------------
+
+
+class _EqxMC(eqx.Module):
+    """An Equinox model with a train-pinned `eqx.nn.Dropout`: the MC-dropout recipe."""
+
+    lin: eqx.nn.Linear
+    drop: eqx.nn.Dropout
+
+    def __call__(self, x, *, key=None):
+        return self.drop(self.lin(x), key=key)
+
+
+@pytest.mark.parametrize(
+    "surgery",
+    [
+        lambda m: treenn.freeze(m, "lin"),
+        lambda m: treenn.freeze(m, lambda m: m.lin),
+        lambda m: treenn.unfreeze(treenn.freeze(m)),
+        lambda m: treenn.unfreeze(treenn.freeze(m, "lin"), "lin.weight"),
+    ],
+    ids=["path", "getter", "unfreeze-all", "unfreeze-one"],
+)
+def test_a_train_pinned_equinox_dropout_keeps_dropping_after_freezing(key, surgery):
+    model = _EqxMC(eqx.nn.Linear(64, 64, key=key), eqx.nn.Dropout(0.5))
+    model = nn.train_mode(model, lambda m: m.drop, pin=True)
+    new = surgery(model)
+    # The class reads through the pin: user code sees the bool, never the mark.
+    assert new.drop.inference is False
+    assert nn.modes(new) == {"drop": False} and nn.pinned(new) == {"drop": True}
+    x = jnp.ones((64,))
+    y = new(x, key=key)
+    assert int(jnp.sum(y == 0)) > 8  # it drops (64 units, p=0.5)
+
+
+def test_freezing_keeps_a_foreign_module_class_fitted_to_every_mark(key):
+    # A frozen array and a pin in one Equinox module: unfreezing the array leaves the
+    # pin, so the module must keep the class that reads through marks.
+    class Both(eqx.Module):
+        weight: jax.Array
+        inference: bool
+
+    both = nn.train_mode(Both(jnp.ones(3), False), pin=True)
+    both = treenn.unfreeze(treenn.freeze(both), "weight")
+    assert both.inference is False
+    assert treenn.statuses(both) == {"weight": "trainable"}
+
+
+def test_l2_penalty_gives_frozen_arrays_and_buffers_zero_gradient(key):
+    # The standard Equinox L2 penalty reads the leaves, not the attributes.
+    model = nn.Sequential(nn.Linear(3, 4, key=key), nn.BatchNorm(4))
+    model = nn.eval_mode(treenn.freeze(model, "layers.0"), nn.BatchNorm)
+
+    def penalty(m):
+        leaves = jtu.tree_leaves(eqx.filter(m, eqx.is_inexact_array))
+        return sum(jnp.sum(x**2) for x in leaves)
+
+    grads = eqx.filter_grad(penalty)(model)
+    named = dict(leaves_by_path(grads))
+    for path in ("layers.0.weight", "layers.0.bias", "layers.1.running_var"):
+        assert float(jnp.abs(named[path]).max()) == 0.0, path
+    assert float(jnp.abs(named["layers.1.weight"]).max()) > 0.0
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    moved = eqx.combine(jtu.tree_map(lambda p, g: p - 0.1 * g, params, grads), static)
+    old, new = dict(leaves_by_path(model)), dict(leaves_by_path(moved))
+    assert jnp.array_equal(new["layers.0.weight"], old["layers.0.weight"])
+    assert jnp.array_equal(new["layers.1.running_var"], old["layers.1.running_var"])
+
+
+def test_keystr_paths_of_frozen_arrays(key):
+    # API.md §4 as narrowed in docs/concepts/freezing.md: the default `keystr` and
+    # treenn's dotted paths never change; a simple keystr with a separator shows the
+    # mark's empty key as a trailing separator.
+    lin = nn.Linear(2, 2, key=key)
+    frozen = treenn.freeze(lin)
+
+    def keystrs(m, **kw):
+        return [jtu.keystr(p, **kw) for p, _ in jtu.tree_flatten_with_path(m)[0]]
+
+    assert keystrs(frozen) == keystrs(lin) == [".weight", ".bias"]
+    assert keystrs(frozen, simple=True, separator=".") == ["weight.", "bias."]
+    assert list(treenn.statuses(frozen)) == ["weight", "bias"]

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
-from ._status import Status, is_array_leaf, is_inexact, is_mark, status_of
+from ._status import is_array_leaf, status_of
 from ._tree import check_model, dotted, flatten
 
 
 def _status(leaf: Any) -> str | None:
     """The leaf's status, or None where it is not an array (no entry)."""
-    if is_mark(leaf):
-        return status_of(leaf).value
-    if isinstance(leaf, jax.ShapeDtypeStruct):  # an abstract model (`jax.eval_shape`)
-        if leaf.shape == () and leaf.dtype == bool:
-            return None  # a Python bool (a mode) made abstract, not an array
-        return (Status.TRAINABLE if is_inexact(leaf.dtype) else Status.STATIC).value
     return status_of(leaf).value if is_array_leaf(leaf) else None
 
 

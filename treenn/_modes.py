@@ -11,36 +11,28 @@ and `eqx.tree_at` on `inference` edits the bool inside the pin. `nn.eval_mode`,
 
 from __future__ import annotations
 
-import collections.abc as abc
 from typing import Any, TypeVar
 
-from ._caches import Cache
-from ._module import fit_class, is_foreign_type
+from ._edit import Edit, edit
+from ._module import replace
 from ._selectors import Where, describe, few, no_match, select
-from ._status import Pinned
-from ._tree import (
-    STOP_MODE_BEARING,
-    by_type,
-    check_model,
-    dotted,
-    inert,
-    is_mode_bearing,
-    map_stopped,
-    mode_bearing_type,
-    no_gc,
-    replace_fields,
-    state_of,
-)
+from ._status import Pinned, is_abstract_array
+from ._tree import check_model, dotted, is_mode_bearing, modules, state_of
 
 T = TypeVar("T")
 
 
-def mode_of(module: Any) -> tuple[bool, bool]:
-    """`(inference, pinned)` of a mode-bearing module."""
+def mode_of(module: Any) -> tuple[bool | None, bool]:
+    """`(inference, pinned)` of a mode-bearing module. `inference` is `None` when it is
+    unknown: `jax.eval_shape` made the bool itself abstract (`eqx.filter_eval_shape`
+    keeps it)."""
     value = state_of(module).get("inference")
-    if type(value) is Pinned:
-        return bool(value.value), True
-    return bool(value), False
+    pinned = type(value) is Pinned
+    if pinned:
+        value = value.value
+    if is_abstract_array(value):
+        return None, pinned
+    return bool(value), pinned
 
 
 def with_mode(module: Any, inference: bool, pinned: bool) -> Any:
@@ -51,9 +43,7 @@ def with_mode(module: Any, inference: bool, pinned: bool) -> Any:
     current = value.value if has_pin else value
     if has_pin == pinned and current is inference:
         return module  # unchanged: keep identity (cheaper, and jit caches stay warm)
-    new = replace_fields(module, inference=Pinned(inference) if pinned else inference)
-    # A plain Equinox layer holding a pin needs the class that reads through it.
-    return fit_class(new) if is_foreign_type(type(new)) else new
+    return replace(module, inference=Pinned(inference) if pinned else inference)
 
 
 def eval_mode(model: T, where: Where = None, *, pin: bool = False) -> T:
@@ -129,12 +119,11 @@ def unpin(model: T, where: Where = None) -> T:
 def unpin_selected(model: T, where: Any, *, strict: bool = True) -> T:
     """`nn.unpin`; with `strict=False` a selection without mode-bearing modules is no
     error (`treenn.unfreeze(..., unpin=True)` of a Linear)."""
-    walk = _Walk(model, where)
-    return walk.run(lambda m: with_mode(m, mode_of(m)[0], False), strict=strict)
+    surgery = _SetMode(None, pin=False, unpin=True)
+    return _run(model, where, surgery, strict=strict)
 
 
-@no_gc()
-def modes(model: Any) -> dict[str, bool]:
+def modes(model: Any) -> dict[str, bool | None]:
     """Every mode-bearing module's `inference` flag, by dotted path.
 
     **Arguments:**
@@ -142,7 +131,9 @@ def modes(model: Any) -> dict[str, bool]:
     - `model`: a treenn or Equinox model.
 
     **Returns:** `{path: inference}`, `True` meaning evaluation mode; the root's path is
-    `""`.
+    `""`. On a model made abstract by `jax.eval_shape`, which abstracts the mode bools
+    themselves, a mode not set since is `None` (unknown); `eqx.filter_eval_shape` keeps
+    them.
 
     !!! Example
 
@@ -154,7 +145,6 @@ def modes(model: Any) -> dict[str, bool]:
     return {path: mode_of(m)[0] for path, m in mode_bearing(model)}
 
 
-@no_gc()
 def pinned(model: Any) -> dict[str, bool]:
     """Every mode-bearing module's pin, by dotted path.
 
@@ -176,115 +166,56 @@ def pinned(model: Any) -> dict[str, bool]:
 
 def mode_bearing(model: Any) -> list[tuple[str, Any]]:
     """`(dotted path, module)` of every mode-bearing module, pre-order."""
-    found: list[tuple[Any, Any]] = []
-
-    def visit(path: Any, module: Any) -> Any:
-        # Visits come innermost first: put the module before its descendants.
-        i, n = len(found), len(path)
-        while i > 0 and len(found[i - 1][0]) > n and found[i - 1][0][:n] == path:
-            i -= 1
-        found.insert(i, (path, module))
-        return module
-
-    map_stopped(model, STOP_MODE_BEARING, visit)
-    if is_mode_bearing(model):
-        found.insert(0, ((), model))
-    return [(dotted(path), module) for path, module in found]
+    return [
+        (dotted(path), m) for path, m, _ in modules(model) if m is not None and is_mode_bearing(m)
+    ]
 
 
-_CLASS_STOPS: dict[Any, abc.Callable[[Any], bool]] = Cache()
+class _SetMode(Edit):
+    """Set (or keep) the mode and pin of every covered mode-bearing module; counts the
+    covered ones and the pinned ones it skipped."""
 
-
-def _class_stop(classes: Any) -> abc.Callable[[Any], bool]:
-    """Stop at mode-bearing modules and at instances of `classes` (cached per classes)."""
-    stop = _CLASS_STOPS.get(classes)
-    if stop is None:
-        stop = _CLASS_STOPS[classes] = by_type(
-            lambda kind: mode_bearing_type(kind) or issubclass(kind, classes)
-        )
-    return stop
-
-
-class _Walk:
-    """One edit of the selected mode-bearing modules: which were covered, which were
-    skipped because pinned."""
-
-    def __init__(self, model: Any, where: Any):
-        self.model = model
-        self.where = where
-        self.selection = select(where, model)
+    def __init__(self, inference: bool | None, *, pin: bool, unpin: bool = False) -> None:
+        self.inference, self.pin, self.unpin = inference, pin, unpin
         self.covered = 0
-        self.skipped: list[Any] = []  # pinned modules left alone (paths on error only)
+        self.skipped: list[str] = []  # pinned paths left alone
 
-    def run(
-        self, edit: abc.Callable[[Any], Any], *, skip_pinned: bool = False, strict: bool = True
-    ) -> Any:
-        def act(module: Any) -> Any:
-            self.covered += 1
-            if skip_pinned and type(state_of(module).get("inference")) is Pinned:
-                self.skipped.append(module)
-                return module
-            return edit(module)
+    def targets(self, module: Any) -> bool:
+        return is_mode_bearing(module)
 
-        with no_gc():
-            new = self._walk(act)
-        if strict and self.selection is not None and self.covered == 0:
-            raise no_match(
-                self.where,
-                "mode-bearing module (one with an `inference` field)",
-                [p for p, _ in mode_bearing(self.model)],
-            )
-        return new
+    def module(self, path: str, module: Any) -> Any:
+        self.covered += 1
+        value = state_of(module).get("inference")  # a tracer under `jax.jit`: never bool() it
+        pinned = type(value) is Pinned
+        if self.unpin:
+            return replace(module, inference=value.value) if pinned else module
+        if pinned and not self.pin:
+            self.skipped.append(path)
+            return module
+        return with_mode(module, self.inference, self.pin)
 
-    def _walk(self, act: abc.Callable[[Any], Any]) -> Any:
-        model, selection = self.model, self.selection
-        if selection is None:
-            new = map_stopped(model, STOP_MODE_BEARING, lambda _, m: act(m), paths=False)
-            return act(new) if is_mode_bearing(model) else new
-        if selection.classes is not None:
-            return self._walk_classes(act, selection.classes)
-        covers = selection.covers
 
-        def visit(path: Any, module: Any) -> Any:
-            return act(module) if covers(dotted(path)) else module
-
-        new = map_stopped(model, STOP_MODE_BEARING, visit)
-        return act(new) if is_mode_bearing(model) and covers("") else new
-
-    def _walk_classes(self, act: abc.Callable[[Any], Any], classes: Any) -> Any:
-        # No paths: a module is covered when it, or an ancestor, is an instance. Visits
-        # are innermost first, so a selected container edits its whole subtree itself.
-        def visit(_: Any, node: Any) -> Any:
-            if not isinstance(node, classes):
-                return node
-            if inert(node):  # a leaf layer (Dropout): nothing inside to walk
-                return act(node) if is_mode_bearing(node) else node
-            inner = map_stopped(node, STOP_MODE_BEARING, lambda _, m: act(m), paths=False)
-            return act(inner) if is_mode_bearing(node) else inner
-
-        model = self.model
-        if isinstance(model, classes):
-            return visit(None, model)
-        return map_stopped(model, _class_stop(classes), visit, paths=False)
-
-    def pinned_paths(self) -> list[str]:
-        """Dotted paths of the pinned modules `run` skipped."""
-        skipped = {id(m) for m in self.skipped}
-        return [p for p, m in mode_bearing(self.model) if id(m) in skipped]
+def _run(model: Any, where: Any, surgery: _SetMode, *, strict: bool = True) -> Any:
+    new = edit(model, where, surgery)
+    if strict and where is not None and surgery.covered == 0:
+        raise no_match(
+            where,
+            "mode-bearing module (one with an `inference` field)",
+            [p for p, _ in mode_bearing(model)],
+        )
+    return new
 
 
 def _switch(model: Any, where: Any, *, inference: bool, pin: bool, fn: str) -> Any:
-    walk = _Walk(model, where)
-    if pin:
-        return walk.run(lambda m: with_mode(m, inference, True))
-    new = walk.run(lambda m: with_mode(m, inference, False), skip_pinned=True)
-    if walk.selection is not None and walk.skipped and len(walk.skipped) == walk.covered:
-        paths = walk.pinned_paths()
+    selection = select(where, model)
+    surgery = _SetMode(inference, pin=pin)
+    new = _run(model, selection, surgery)
+    if selection is not None and surgery.skipped and len(surgery.skipped) == surgery.covered:
         raise ValueError(
-            f"{fn}: where={describe(where)} selects only pinned modules ({few(paths)}), "
-            "which keep their mode, so the call would change nothing. Switch them with "
-            f"`{fn}(model, where, pin=True)` (the pin stays), or `nn.unpin(model, where)` "
-            "first"
+            f"{fn}: where={describe(where)} selects only pinned modules "
+            f"({few(surgery.skipped)}), which keep their mode, so the call would change "
+            f"nothing. Switch them with `{fn}(model, where, pin=True)` (the pin stays), or "
+            "`nn.unpin(model, where)` first"
         )
     return new
 

@@ -84,9 +84,7 @@ _ORIGINAL: dict[type, type] = {}
 
 def _rebuild(cls: type, state: dict[str, Any]) -> Any:
     """Unpickle a module of the foreign class `cls` that holds marks."""
-    new: Any = object.__new__(fitted_class(cls, holds_mark(list(state.values()))))
-    _get(new, "__dict__").update(state)
-    return new
+    return build(cls, state)
 
 
 def _reduce(self: Any) -> tuple[Any, ...]:
@@ -138,13 +136,40 @@ def fitted_class(cls: type, marked: bool) -> type:
     return fitted
 
 
+def build(cls: type, state: dict[str, Any]) -> Any:
+    """The one constructor of surgery: a module of class `cls` (or of the class that
+    fits the marks `state` holds) with `state` as its fields.
+
+    Bypasses `__init__`, as JAX's unflatten does. Every edit of a module's fields goes
+    through here, so a module's class always follows the marks it holds: a plain
+    Equinox layer holding a frozen array or a pin reads through it, and gets its own
+    class back once it holds none. A surgery never decides a class itself.
+    """
+    marked = False
+    for value in state.values():
+        if holds_mark(value):
+            marked = True
+            break
+    new: Any = object.__new__(fitted_class(cls, marked))
+    _get(new, "__dict__").update(state)
+    return new
+
+
+def replace(module: Any, **changes: Any) -> Any:
+    """A copy of an (immutable) module with some fields' stored values changed (a mark
+    can be stored around an array); built by `build`, so its class fits."""
+    state = dict(_get(module, "__dict__"))
+    state.update(changes)
+    return build(type(module), state)
+
+
 def fit_class(module: Any) -> Any:
-    """`module`, with its class swapped so that it reads through the marks it holds."""
+    """`module`, with its class swapped so that it reads through the marks it holds (for
+    modules rebuilt by JAX's unflatten from a structure made before a mark was added or
+    removed)."""
     cls = type(module)
     state = _get(module, "__dict__")
     new_cls = fitted_class(cls, any(holds_mark(v) for v in state.values()))
     if new_cls is cls:
         return module
-    new: Any = object.__new__(new_cls)
-    _get(new, "__dict__").update(state)
-    return new
+    return build(cls, dict(state))

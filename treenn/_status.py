@@ -115,13 +115,23 @@ class Pinned(Mark):
     def __hash__(self) -> int:
         return hash((Pinned, self.value if type(self.value) is bool else id(self.value)))
 
+    # A safety net, not the mechanism: a module whose class reads through its marks never
+    # hands a pin to its own code. Were one ever to (an Equinox layer rebuilt by code that
+    # bypasses `_module.build`), `if self.inference:` still tests the mode, not the mark.
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
 
 def _register(cls: type[Mark]) -> None:
     key = cls.key
+    # Rebuilding a mark around a tracer stops its gradient: code that reads the model's
+    # leaves without attribute access (`jtu.tree_leaves(eqx.filter(m, eqx.is_inexact_array))`
+    # in an L2 penalty, under `eqx.filter_grad`) then still gives frozen arrays and
+    # buffers zero gradient, as API.md §4 promises. Concrete values pass untouched.
     jtu.register_pytree_with_keys(
         cls,
         lambda m: (((key, m.value),), None),
-        lambda _, children: cls(*children),
+        lambda _, children: cls(_stopped(children[0])),
         lambda m: ((m.value,), None),
     )
 
@@ -161,8 +171,9 @@ def is_any_mark(x: Any) -> bool:
 
 
 def is_array_leaf(leaf: Any) -> bool:
-    """An array leaf of a model as the walker sees it: an array or a marked one."""
-    return type(leaf) in MARK_TYPES or isinstance(leaf, ARRAY_TYPES)
+    """An array leaf of a model as the walker sees it: an array (concrete or abstract) or
+    a marked one."""
+    return type(leaf) in MARK_TYPES or is_array_like(leaf)
 
 
 def unmarked(leaf: Any) -> Any:
@@ -260,10 +271,24 @@ def is_float_array(x: Any) -> bool:
     return is_array(x) and is_inexact(x.dtype)
 
 
+def is_abstract_array(x: Any) -> bool:
+    """An array of an abstract model (`jax.eval_shape`, `eqx.filter_eval_shape`)."""
+    return type(x) is jax.ShapeDtypeStruct
+
+
+def is_array_like(x: Any) -> bool:
+    """An array, concrete or abstract: what surgery and statuses act on, so that every
+    helper treats an abstract model as the concrete one it describes. An abstract bool
+    scalar is not one: `jax.eval_shape` makes every Python bool (a mode) one."""
+    if type(x) is jax.ShapeDtypeStruct:
+        return not (x.shape == () and x.dtype == bool)
+    return is_array(x)
+
+
 def status_of(leaf: Any) -> Status:
     """Status of a leaf of a tree flattened with marks as leaves."""
     if type(leaf) in MARK_TYPES:
         return leaf.status
-    if is_array(leaf) and is_inexact(leaf.dtype):
+    if (is_array(leaf) or type(leaf) is jax.ShapeDtypeStruct) and is_inexact(leaf.dtype):
         return Status.TRAINABLE
     return Status.STATIC

@@ -7,8 +7,8 @@ from typing import Any
 
 from ._modes import mode_of
 from ._selectors import few
-from ._status import ARRAY_TYPES, Status, status_of, unmarked
-from ._tree import check_model, dotted, is_mode_bearing, modules, no_gc
+from ._status import Status, is_array_like, status_of, unmarked
+from ._tree import check_model, dotted, is_mode_bearing, modules
 
 _HEADER = ("path", "module", "shape", "dtype", "params", "status", "mode")
 
@@ -17,7 +17,8 @@ def _mode(module: Any) -> str:
     if module is None or not is_mode_bearing(module):
         return "-"
     inference, pinned = mode_of(module)
-    mode = "eval" if inference else "train"
+    # `jax.eval_shape` makes the mode bool itself abstract: say so, never guess.
+    mode = "unknown" if inference is None else "eval" if inference else "train"
     return mode + " (pinned)" if pinned else mode
 
 
@@ -26,7 +27,7 @@ _PINNED_EVAL = "eval (pinned)"
 
 def _array_status(leaf: Any) -> Status | None:
     status = status_of(leaf)
-    if status is Status.STATIC and not isinstance(leaf, ARRAY_TYPES):
+    if status is Status.STATIC and not is_array_like(leaf):
         return None  # not an array: no row
     return status
 
@@ -72,7 +73,6 @@ def _bytes(n: int) -> str:
     raise AssertionError
 
 
-@no_gc()
 def summary(model: Any) -> str:
     """A table of the model: one row per array, then totals.
 

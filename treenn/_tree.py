@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import os
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +19,7 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from ._caches import Cache
-from ._module import fit_class, is_foreign_type
+from ._module import fit_class, is_foreign_type, replace
 from ._status import MARK_TYPES, MarkKey, Pinned
 
 KeyPath = tuple[Any, ...]
@@ -161,49 +159,18 @@ def state_of(module: Any) -> dict[str, Any]:
     return state
 
 
-_set = object.__setattr__
-
-
 def replace_fields(module: Any, **changes: Any) -> Any:
-    """A copy of an (immutable) module with some fields' stored values changed.
-
-    Bypasses `__init__` as JAX's unflatten does; values are stored as given, so a
-    status mark can be stored around an array.
-    """
-    new = object.__new__(type(module))
-    state = state_of(module).copy()
-    state.update(changes)
-    _set(new, "__dict__", state)
-    return new
-
-
-_GC_LOCK = threading.Lock()
-_GC_DEPTH = 0  # nesting depth of no_gc blocks, across threads
-_GC_STATE = [True]  # whether the collector was enabled when the outermost block began
+    """A copy of an (immutable) module with some fields' stored values changed: see
+    `_module.replace` (its class fits the marks it then holds)."""
+    return replace(module, **changes)
 
 
 @contextlib.contextmanager
 def no_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector during a bulk edit.
-
-    Flattening and rebuilding a large model allocates many short-lived, acyclic
-    objects; each allocation burst triggers collections that scan the whole (large)
-    model, which makes surgery grow super-linearly with model size. Reference counting
-    still frees everything; the collector resumes afterwards.
-    """
-    with _GC_LOCK:
-        global _GC_DEPTH
-        if _GC_DEPTH == 0:
-            _GC_STATE[0] = gc.isenabled()
-            gc.disable()
-        _GC_DEPTH += 1
-    try:
-        yield
-    finally:
-        with _GC_LOCK:
-            _GC_DEPTH -= 1
-            if _GC_DEPTH == 0 and _GC_STATE[0]:
-                gc.enable()
+    """Formerly paused the garbage collector for every thread during surgery; a library
+    never changes process-wide state, so this does nothing now (kept until its last
+    callers are gone)."""
+    yield
 
 
 _DYNAMIC_FIELDS: dict[type, tuple[str, ...]] = Cache()
