@@ -2,7 +2,9 @@
 channels)`.
 
 One N-d implementation (`_ConvNd`, `_ConvTransposeNd`) serves the 1-d, 2-d and 3-d
-layers; these only fix the number of spatial axes and document the shapes.
+layers and holds their documentation; these only fix the number of spatial axes and
+name the axes of their input for the runtime shape check (one line of docstring each,
+as in Equinox).
 """
 
 from __future__ import annotations
@@ -158,7 +160,46 @@ class _ConvBase(Module):
 
 
 class _ConvNd(_ConvBase):
-    """N-d convolution; subclasses fix `num_spatial_dims`."""
+    """Convolution over channels-last input `(*batch, *spatial, in_channels)`, with
+    PyTorch's parameters. `nn.Conv1d`, `nn.Conv2d` and `nn.Conv3d` are this layer with
+    1, 2 and 3 spatial axes: `(length,)`, `(height, width)`, `(depth, height, width)`.
+
+    **Arguments:**
+
+    - `in_channels`, `out_channels`: channel counts.
+    - `kernel_size`: an int, or one int per spatial axis.
+    - `stride`, `dilation`: an int, or one int per spatial axis.
+    - `padding`: an int (both sides of every axis), one int per spatial axis (both sides
+      of it), one `(low, high)` pair per spatial axis, `"SAME"` or `"VALID"` (any case;
+      see below).
+    - `groups`: grouped convolution; both channel counts must divide by it.
+    - `bias`: whether to add a bias.
+    - `dtype`: parameter dtype (default float32).
+    - `key`: PRNG key for the initialisation: PyTorch's, U(±1/sqrt(fan_in)) for the weight
+      and the bias, with `fan_in = in_channels // groups * prod(kernel_size)`.
+
+    Parameters follow PyTorch: `weight` of shape `(out_channels, in_channels // groups,
+    *kernel_size)` (`kh, kw` for `Conv2d`), `bias` of shape `(out_channels,)`, so PyTorch
+    checkpoints load as they are. Each output spatial size is `(size + low + high -
+    dilation * (kernel - 1) - 1) // stride + 1`, as in PyTorch. `"VALID"` is no padding;
+    `"SAME"` pads to an output size of `ceil(size / stride)`, the smaller half at the
+    start (XLA's and TensorFlow's rule; with stride 1 exactly PyTorch's `padding="same"`,
+    which PyTorch refuses for stride > 1).
+
+    **Returns:** `conv(x)` returns `(*batch, *out_spatial, out_channels)` for `x` of shape
+    `(*batch, *spatial, in_channels)`.
+
+    !!! Example
+
+        ```python
+        conv = nn.Conv1d(3, 16, 5, padding=2, key=jax.random.key(0))
+        y = conv(jnp.ones((8, 100, 3)))  # (8, 100, 16)
+        conv = nn.Conv2d(3, 16, 3, stride=2, padding=1, key=jax.random.key(0))
+        y = conv(jnp.ones((8, 32, 32, 3)))  # (8, 16, 16, 16)
+        conv = nn.Conv3d(1, 8, 3, padding="same", key=jax.random.key(0))
+        y = conv(jnp.ones((2, 16, 16, 16, 1)))  # (2, 16, 16, 16, 8)
+        ```
+    """
 
     weight: Float[Array, "out_channels in_per_group *kernel"]
     bias: Float[Array, " out_channels"] | None
@@ -224,38 +265,7 @@ class _ConvNd(_ConvBase):
 
 
 class Conv1d(_ConvNd):
-    """1-d convolution over channels-last input `(*batch, length, in_channels)`.
-
-    **Arguments:**
-
-    - `in_channels`, `out_channels`: channel counts.
-    - `kernel_size`: an int or a 1-tuple.
-    - `stride`, `dilation`: an int or a 1-tuple.
-    - `padding`: an int (both sides of every axis), a 1-tuple (both sides of each axis),
-      one `(low, high)` pair, `"SAME"` or `"VALID"` (any case; see below).
-    - `groups`: grouped convolution; both channel counts must divide by it.
-    - `bias`: whether to add a bias.
-    - `dtype`: parameter dtype (default float32).
-    - `key`: PRNG key for the initialisation: PyTorch's, U(±1/sqrt(fan_in)) for the weight
-      and the bias, with `fan_in = in_channels // groups * k`.
-
-    Parameters follow PyTorch: `weight` of shape `(out_channels, in_channels // groups,
-    k)`, `bias` of shape `(out_channels,)`, so PyTorch checkpoints load as they are.
-    The output length is `(size + low + high - dilation * (kernel - 1) - 1) // stride
-    + 1`, as in PyTorch. `"VALID"` is no padding; `"SAME"` pads to an output size of
-    `ceil(size / stride)`, the smaller half at the start (XLA's and TensorFlow's rule;
-    with stride 1 exactly PyTorch's `padding="same"`, which PyTorch refuses for stride > 1).
-
-    **Returns:** `conv(x)` returns `(*batch, out_length, out_channels)` for `x` of shape
-    `(*batch, length, in_channels)`.
-
-    !!! Example
-
-        ```python
-        conv = nn.Conv1d(3, 16, 5, padding=2, key=jax.random.key(0))
-        y = conv(jnp.ones((8, 100, 3)))  # (8, 100, 16)
-        ```
-    """
+    """As [convolution][treenn.nn._conv._ConvNd] with 1 spatial axis."""
 
     num_spatial_dims: ClassVar[int] = 1
     __init__ = _ConvNd.__init__  # explicit, so that type checkers see the signature
@@ -270,38 +280,7 @@ class Conv1d(_ConvNd):
 
 
 class Conv2d(_ConvNd):
-    """2-d convolution over channels-last input `(*batch, height, width, in_channels)`.
-
-    **Arguments:**
-
-    - `in_channels`, `out_channels`: channel counts.
-    - `kernel_size`: an int or a pair.
-    - `stride`, `dilation`: an int or a pair.
-    - `padding`: an int (both sides of every axis), a pair (both sides of each axis),
-      two `(low, high)` pairs, `"SAME"` or `"VALID"` (any case; see below).
-    - `groups`: grouped convolution; both channel counts must divide by it.
-    - `bias`: whether to add a bias.
-    - `dtype`: parameter dtype (default float32).
-    - `key`: PRNG key for the initialisation: PyTorch's, U(±1/sqrt(fan_in)) for the weight
-      and the bias, with `fan_in = in_channels // groups * kh * kw`.
-
-    Parameters follow PyTorch: `weight` of shape `(out_channels, in_channels // groups,
-    kh, kw)`, `bias` of shape `(out_channels,)`, so PyTorch checkpoints load as they are.
-    The output height and width are each `(size + low + high - dilation * (kernel - 1) -
-    1) // stride + 1`, as in PyTorch. `"VALID"` is no padding; `"SAME"` pads to an output size of
-    `ceil(size / stride)`, the smaller half at the start (XLA's and TensorFlow's rule;
-    with stride 1 exactly PyTorch's `padding="same"`, which PyTorch refuses for stride > 1).
-
-    **Returns:** `conv(x)` returns `(*batch, out_height, out_width, out_channels)` for `x` of shape
-    `(*batch, height, width, in_channels)`.
-
-    !!! Example
-
-        ```python
-        conv = nn.Conv2d(3, 16, 3, padding=1, key=jax.random.key(0))
-        y = conv(jnp.ones((8, 32, 32, 3)))  # (8, 32, 32, 16)
-        ```
-    """
+    """As [convolution][treenn.nn._conv._ConvNd] with 2 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 2
     __init__ = _ConvNd.__init__  # explicit, so that type checkers see the signature
@@ -316,40 +295,7 @@ class Conv2d(_ConvNd):
 
 
 class Conv3d(_ConvNd):
-    """3-d convolution over channels-last input `(*batch, depth, height, width,
-    in_channels)`.
-
-    **Arguments:**
-
-    - `in_channels`, `out_channels`: channel counts.
-    - `kernel_size`: an int or a triple.
-    - `stride`, `dilation`: an int or a triple.
-    - `padding`: an int (both sides of every axis), a triple (both sides of each axis),
-      three `(low, high)` pairs, `"SAME"` or `"VALID"` (any case; see below).
-    - `groups`: grouped convolution; both channel counts must divide by it.
-    - `bias`: whether to add a bias.
-    - `dtype`: parameter dtype (default float32).
-    - `key`: PRNG key for the initialisation: PyTorch's, U(±1/sqrt(fan_in)) for the weight
-      and the bias, with `fan_in = in_channels // groups * kd * kh * kw`.
-
-    Parameters follow PyTorch: `weight` of shape `(out_channels, in_channels // groups,
-    kd, kh, kw)`, `bias` of shape `(out_channels,)`: PyTorch checkpoints load as they are.
-    The output depth, height and width are each `(size + low + high - dilation * (kernel
-    - 1) - 1) // stride + 1`, as in PyTorch. `"VALID"` is no padding; `"SAME"` pads to an
-    output size of `ceil(size / stride)`, the smaller half at the start (XLA's and
-    TensorFlow's rule; with stride 1 exactly PyTorch's `padding="same"`, which PyTorch
-    refuses for stride > 1).
-
-    **Returns:** `conv(x)` returns `(*batch, out_depth, out_height, out_width, out_channels)` for
-    `x` of shape `(*batch, depth, height, width, in_channels)`.
-
-    !!! Example
-
-        ```python
-        conv = nn.Conv3d(1, 8, 3, padding="same", key=jax.random.key(0))
-        y = conv(jnp.ones((2, 16, 16, 16, 1)))  # (2, 16, 16, 16, 8)
-        ```
-    """
+    """As [convolution][treenn.nn._conv._ConvNd] with 3 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 3
     __init__ = _ConvNd.__init__  # explicit, so that type checkers see the signature
@@ -379,7 +325,54 @@ def _same_crop(kernel: int, stride: int, dilation: int) -> tuple[int, int]:
 
 
 class _ConvTransposeNd(_ConvBase):
-    """N-d transposed convolution; subclasses fix `num_spatial_dims`."""
+    """Transposed convolution over channels-last input `(*batch, *spatial,
+    in_channels)`, as PyTorch's `ConvTranspose1d`/`2d`/`3d`: the gradient (adjoint) of the
+    convolution with the same `weight`, stride, padding and dilation.
+    `nn.ConvTranspose1d`, `nn.ConvTranspose2d` and `nn.ConvTranspose3d` are this layer
+    with 1, 2 and 3 spatial axes. Each output spatial size is `(size - 1) * stride - 2 *
+    padding + dilation * (kernel - 1) + output_padding + 1`.
+
+    **Arguments:**
+
+    - `in_channels`, `out_channels`: channel counts.
+    - `kernel_size`: an int, or one int per spatial axis.
+    - `stride`, `dilation`: an int, or one int per spatial axis.
+    - `padding`: as in PyTorch, the amount cropped from each side of the full output: an
+      int, one int per spatial axis, or one `(low, high)` pair per spatial axis to crop
+      the start and the end differently. Also `"VALID"` (any case): no padding, the full
+      output; and `"SAME"`: an output size of exactly `size * stride`. It is the adjoint
+      of the convolution with `padding="SAME"` on an input `size * stride` long: `total =
+      dilation * (kernel - 1) + 1 - stride` is cropped, the smaller half at the start; if
+      `total < 0`, `-total` zeros are appended at the end instead.
+    - `output_padding`: an int or one int per spatial axis, added at the end of each axis
+      (PyTorch's: picks among the input sizes a strided convolution maps to one output
+      size); each must be smaller than the stride or the dilation of its axis. Not with
+      `"SAME"`.
+    - `groups`: grouped convolution; both channel counts must divide by it.
+    - `bias`: whether to add a bias.
+    - `dtype`: parameter dtype (default float32).
+    - `key`: PRNG key for the initialisation: PyTorch's, U(±1/sqrt(fan_in)) for the weight
+      and the bias, with PyTorch's `fan_in = out_channels // groups * prod(kernel_size)`.
+
+    Parameters follow PyTorch: `weight` of shape `(in_channels, out_channels // groups,
+    *kernel_size)`, `bias` of shape `(out_channels,)`, so PyTorch checkpoints load as they
+    are.
+
+    **Returns:** `conv(x)` returns `(*batch, *out_spatial, out_channels)` for `x` of shape
+    `(*batch, *spatial, in_channels)`.
+
+    !!! Example
+
+        ```python
+        up = nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1, key=jax.random.key(0))
+        y = up(jnp.ones((8, 50, 16)))  # (8, 100, 8)
+        up = nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1,
+                                key=jax.random.key(0))
+        y = up(jnp.ones((8, 16, 16, 16)))  # (8, 32, 32, 8)
+        up = nn.ConvTranspose3d(8, 4, 2, stride=2, key=jax.random.key(0))
+        y = up(jnp.ones((2, 8, 8, 8, 8)))  # (2, 16, 16, 16, 4)
+        ```
+    """
 
     weight: Float[Array, "in_channels out_per_group *kernel"]
     bias: Float[Array, " out_channels"] | None
@@ -473,47 +466,7 @@ class _ConvTransposeNd(_ConvBase):
 
 
 class ConvTranspose1d(_ConvTransposeNd):
-    """1-d transposed convolution over channels-last input `(*batch, length,
-    in_channels)`.
-
-    PyTorch's `ConvTranspose1d`: the gradient (adjoint) of `nn.Conv1d` with the same
-    `weight`, stride, padding and dilation. The output length is `(size - 1) * stride -
-    2 * padding + dilation * (kernel - 1) + output_padding + 1`.
-
-    **Arguments:**
-
-    - `in_channels`, `out_channels`: channel counts.
-    - `kernel_size`: an int or a 1-tuple.
-    - `stride`, `dilation`: an int or a 1-tuple.
-    - `padding`: as in PyTorch, the amount cropped from each side of the full output: an
-      int, a 1-tuple, or one `(low, high)` pair to crop the start and the end differently.
-      Also `"VALID"` (any case): no padding, the full output; and `"SAME"`: an output size
-      of exactly `size * stride`. It is the adjoint of `nn.Conv1d(padding="SAME")` on an
-      input `size * stride` long: `total = dilation * (kernel - 1) + 1 - stride` is
-      cropped, the smaller half at the start; if `total < 0`, `-total` zeros are appended
-      at the end instead.
-    - `output_padding`: an int or a 1-tuple, added at the end of each axis (PyTorch's: picks
-      among the input sizes a strided convolution maps to one output size); each must be
-      smaller than the stride or the dilation of its axis. Not with `"SAME"`.
-    - `groups`: grouped convolution; both channel counts must divide by it.
-    - `bias`: whether to add a bias.
-    - `dtype`: parameter dtype (default float32).
-    - `key`: PRNG key for the initialisation: PyTorch's, U(±1/sqrt(fan_in)) for the weight
-      and the bias, with PyTorch's `fan_in = out_channels // groups * k`.
-
-    Parameters follow PyTorch: `weight` of shape `(in_channels, out_channels // groups,
-    k)`, `bias` of shape `(out_channels,)`, so PyTorch checkpoints load as they are.
-
-    **Returns:** `conv(x)` returns `(*batch, out_length, out_channels)` for `x` of shape
-    `(*batch, length, in_channels)`.
-
-    !!! Example
-
-        ```python
-        up = nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1, key=jax.random.key(0))
-        y = up(jnp.ones((8, 50, 16)))  # (8, 100, 8)
-        ```
-    """
+    """As [transposed convolution][treenn.nn._conv._ConvTransposeNd] with 1 spatial axis."""
 
     num_spatial_dims: ClassVar[int] = 1
     __init__ = _ConvTransposeNd.__init__  # explicit, so that type checkers see the signature
@@ -528,48 +481,7 @@ class ConvTranspose1d(_ConvTransposeNd):
 
 
 class ConvTranspose2d(_ConvTransposeNd):
-    """2-d transposed convolution over channels-last input `(*batch, height, width,
-    in_channels)`.
-
-    PyTorch's `ConvTranspose2d`: the gradient (adjoint) of `nn.Conv2d` with the same
-    `weight`, stride, padding and dilation. The output height and width are each `(size -
-    1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1`.
-
-    **Arguments:**
-
-    - `in_channels`, `out_channels`: channel counts.
-    - `kernel_size`: an int or a pair.
-    - `stride`, `dilation`: an int or a pair.
-    - `padding`: as in PyTorch, the amount cropped from each side of the full output: an
-      int, a pair, or two `(low, high)` pairs to crop the start and the end differently.
-      Also `"VALID"` (any case): no padding, the full output; and `"SAME"`: an output size
-      of exactly `size * stride`. It is the adjoint of `nn.Conv2d(padding="SAME")` on an
-      input `size * stride` long: `total = dilation * (kernel - 1) + 1 - stride` is
-      cropped, the smaller half at the start; if `total < 0`, `-total` zeros are appended
-      at the end instead.
-    - `output_padding`: an int or a pair, added at the end of each axis (PyTorch's: picks
-      among the input sizes a strided convolution maps to one output size); each must be
-      smaller than the stride or the dilation of its axis. Not with `"SAME"`.
-    - `groups`: grouped convolution; both channel counts must divide by it.
-    - `bias`: whether to add a bias.
-    - `dtype`: parameter dtype (default float32).
-    - `key`: PRNG key for the initialisation: PyTorch's, U(±1/sqrt(fan_in)) for the weight
-      and the bias, with PyTorch's `fan_in = out_channels // groups * kh * kw`.
-
-    Parameters follow PyTorch: `weight` of shape `(in_channels, out_channels // groups,
-    kh, kw)`, `bias` of shape `(out_channels,)`, so PyTorch checkpoints load as they are.
-
-    **Returns:** `conv(x)` returns `(*batch, out_height, out_width, out_channels)` for `x` of shape
-    `(*batch, height, width, in_channels)`.
-
-    !!! Example
-
-        ```python
-        up = nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1,
-                                key=jax.random.key(0))
-        y = up(jnp.ones((8, 16, 16, 16)))  # (8, 32, 32, 8)
-        ```
-    """
+    """As [transposed convolution][treenn.nn._conv._ConvTransposeNd] with 2 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 2
     __init__ = _ConvTransposeNd.__init__  # explicit, so that type checkers see the signature
@@ -584,47 +496,7 @@ class ConvTranspose2d(_ConvTransposeNd):
 
 
 class ConvTranspose3d(_ConvTransposeNd):
-    """3-d transposed convolution over channels-last input `(*batch, depth, height,
-    width, in_channels)`.
-
-    PyTorch's `ConvTranspose3d`: the gradient (adjoint) of `nn.Conv3d` with the same
-    `weight`, stride, padding and dilation. The output depth, height and width are each
-    `(size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1`.
-
-    **Arguments:**
-
-    - `in_channels`, `out_channels`: channel counts.
-    - `kernel_size`: an int or a triple.
-    - `stride`, `dilation`: an int or a triple.
-    - `padding`: as in PyTorch, the amount cropped from each side of the full output: an
-      int, a triple, or three `(low, high)` pairs to crop the start and the end differently.
-      Also `"VALID"` (any case): no padding, the full output; and `"SAME"`: an output size
-      of exactly `size * stride`. It is the adjoint of `nn.Conv3d(padding="SAME")` on an
-      input `size * stride` long: `total = dilation * (kernel - 1) + 1 - stride` is
-      cropped, the smaller half at the start; if `total < 0`, `-total` zeros are appended
-      at the end instead.
-    - `output_padding`: an int or a triple, added at the end of each axis (PyTorch's: picks
-      among the input sizes a strided convolution maps to one output size); each must be
-      smaller than the stride or the dilation of its axis. Not with `"SAME"`.
-    - `groups`: grouped convolution; both channel counts must divide by it.
-    - `bias`: whether to add a bias.
-    - `dtype`: parameter dtype (default float32).
-    - `key`: PRNG key for the initialisation: PyTorch's, U(±1/sqrt(fan_in)) for the weight
-      and the bias, with PyTorch's `fan_in = out_channels // groups * kd * kh * kw`.
-
-    Parameters follow PyTorch: `weight` of shape `(in_channels, out_channels // groups,
-    kd, kh, kw)`, `bias` of shape `(out_channels,)`: PyTorch checkpoints load as they are.
-
-    **Returns:** `conv(x)` returns `(*batch, out_depth, out_height, out_width, out_channels)` for
-    `x` of shape `(*batch, depth, height, width, in_channels)`.
-
-    !!! Example
-
-        ```python
-        up = nn.ConvTranspose3d(8, 4, 2, stride=2, key=jax.random.key(0))
-        y = up(jnp.ones((2, 8, 8, 8, 8)))  # (2, 16, 16, 16, 4)
-        ```
-    """
+    """As [transposed convolution][treenn.nn._conv._ConvTransposeNd] with 3 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 3
     __init__ = _ConvTransposeNd.__init__  # explicit, so that type checkers see the signature

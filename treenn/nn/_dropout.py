@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._modes import mode_of
-from .._module import Module
-from .._status import Pinned
+from ._mode_bearing import ModeBearing
 
 
-class Dropout(Module):
+class Dropout(ModeBearing):
     """Zero each element with probability `p` in training mode, scaling the rest by
     `1 / (1 - p)`; the identity in evaluation mode.
 
@@ -38,19 +36,12 @@ class Dropout(Module):
     """
 
     p: float = eqx.field(static=True)
-    inference: bool
 
     def __init__(self, p: float = 0.5, *, inference: bool = False, pinned: bool = False):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"nn.Dropout(p={p!r}): p must be in [0, 1]")
         self.p = float(p)
-        self.inference = Pinned(inference) if pinned else inference  # type: ignore[assignment]
-
-    @property
-    def pinned(self) -> bool:
-        """Whether the layer is pinned (see `nn.eval_mode`); the pin is stored around
-        `inference`, so it is saved, loaded and kept by `eqx.tree_at` with it."""
-        return mode_of(self)[1]
+        self._init_mode(inference, pinned)
 
     def __call__(
         self, x: Float[Array, "*shape"], *, key: PRNGKeyArray | None = None
@@ -68,7 +59,7 @@ class Dropout(Module):
         return jnp.where(keep, x / (1.0 - self.p), jnp.zeros_like(x))
 
 
-class DropPath(Module):
+class DropPath(ModeBearing):
     """Stochastic depth: in training mode, zero whole samples (along the first axis)
     with probability `p`, scaling the kept ones by `1 / (1 - p)`; the identity in
     evaluation mode. This is timm's `DropPath` (`drop_path` with `scale_by_keep=True`),
@@ -101,19 +92,12 @@ class DropPath(Module):
     """
 
     p: float = eqx.field(static=True)
-    inference: bool
 
     def __init__(self, p: float = 0.0, *, inference: bool = False, pinned: bool = False):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"nn.DropPath(p={p!r}): p must be in [0, 1]")
         self.p = float(p)
-        self.inference = Pinned(inference) if pinned else inference  # type: ignore[assignment]
-
-    @property
-    def pinned(self) -> bool:
-        """Whether the layer is pinned (see `nn.eval_mode`); the pin is stored around
-        `inference`, so it is saved, loaded and kept by `eqx.tree_at` with it."""
-        return mode_of(self)[1]
+        self._init_mode(inference, pinned)
 
     def __call__(
         self, x: Float[Array, "batch *rest"], *, key: PRNGKeyArray | None = None

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .._modes import mode_of
 from .._module import Module
 from .._state import current_value, record
-from .._status import Buffer, Pinned
+from .._status import Buffer
+from ._mode_bearing import ModeBearing
 from ._shapes import expect_trailing, trailing
 
 
@@ -35,7 +35,7 @@ def _shape_tuple(layer: str, shape: int | Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-class BatchNorm(Module):
+class BatchNorm(ModeBearing):
     """Batch normalisation over the last (channel) axis, with PyTorch's conventions.
 
     In training mode it normalises with the batch's statistics (over every axis but the
@@ -102,7 +102,6 @@ class BatchNorm(Module):
     momentum: float | None = eqx.field(static=True)
     track_running_stats: bool = eqx.field(static=True)
     update_stats: bool = eqx.field(static=True)
-    inference: bool
 
     def __init__(
         self,
@@ -131,7 +130,7 @@ class BatchNorm(Module):
         self.momentum = None if momentum is None else float(momentum)
         self.track_running_stats = bool(track_running_stats)
         self.update_stats = bool(update_stats)
-        self.inference = Pinned(inference) if pinned else inference  # type: ignore[assignment]
+        self._init_mode(inference, pinned)
         self.weight = jnp.ones((num_features,), dtype) if affine else None
         self.bias = jnp.zeros((num_features,), dtype) if affine else None
         if track_running_stats:
@@ -143,12 +142,6 @@ class BatchNorm(Module):
             self.num_batches_tracked = Buffer(jnp.zeros((), jnp.int32))  # type: ignore[assignment]
         else:
             self.num_batches_tracked = None
-
-    @property
-    def pinned(self) -> bool:
-        """Whether the layer is pinned (see `nn.eval_mode`); the pin is stored around
-        `inference`, so it is saved, loaded and kept by `eqx.tree_at` with it."""
-        return mode_of(self)[1]
 
     def __call__(
         self, x: Float[Array, "*batch num_features"], *, key: PRNGKeyArray | None = None

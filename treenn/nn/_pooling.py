@@ -1,8 +1,9 @@
 """Pooling, channels-last: input `(*batch, *spatial, channels)`.
 
 One N-d implementation per kind (`_MaxPoolNd`, `_AvgPoolNd`, `_AdaptiveAvgPoolNd`) serves
-the 1-d, 2-d and 3-d layers, which only fix the number of spatial axes and document the
-shapes. Pooling layers hold no arrays: every field is static.
+the 1-d, 2-d and 3-d layers and holds their documentation; these only fix the number
+of spatial axes and name the axes of their input for the runtime shape check. Pooling
+layers hold no arrays: every field is static.
 """
 
 from __future__ import annotations
@@ -101,6 +102,36 @@ class _PoolNd(Module):
 
 
 class _MaxPoolNd(_PoolNd):
+    """Max pooling over channels-last input `(*batch, *spatial, channels)`, as
+    PyTorch's `MaxPool1d`/`2d`/`3d`. `nn.MaxPool1d`, `nn.MaxPool2d` and `nn.MaxPool3d` are
+    this layer with 1, 2 and 3 spatial axes.
+
+    **Arguments:**
+
+    - `kernel_size`: window size, an int or one int per spatial axis.
+    - `stride`: an int or one int per spatial axis; default `kernel_size`.
+    - `padding`: an int or one int per spatial axis, on both sides, padded with `-inf`; at
+      most half the kernel size.
+    - `dilation`: spacing between window elements, an int or one int per spatial axis.
+    - `ceil_mode`: round the output size up instead of down (a last window that would
+      start in the far padding is dropped, as in PyTorch).
+
+    Each output spatial size is `(size + 2 * padding - dilation * (kernel - 1) - 1) //
+    stride + 1` (rounded up with `ceil_mode`).
+
+    **Returns:** `pool(x)` returns `(*batch, *out_spatial, channels)` for `x` of shape
+    `(*batch, *spatial, channels)`.
+
+    !!! Example
+
+        ```python
+        pool = nn.MaxPool1d(2)
+        y = pool(jnp.ones((8, 100, 16)))  # (8, 50, 16)
+        pool = nn.MaxPool2d(3, stride=2, padding=1)
+        y = pool(jnp.ones((8, 32, 32, 16)))  # (8, 16, 16, 16)
+        ```
+    """
+
     dilation: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(
@@ -132,6 +163,38 @@ class _MaxPoolNd(_PoolNd):
 
 
 class _AvgPoolNd(_PoolNd):
+    """Average pooling over channels-last input `(*batch, *spatial, channels)`, as
+    PyTorch's `AvgPool1d`/`2d`/`3d`. `nn.AvgPool1d`, `nn.AvgPool2d` and `nn.AvgPool3d` are
+    this layer with 1, 2 and 3 spatial axes.
+
+    **Arguments:**
+
+    - `kernel_size`: window size, an int or one int per spatial axis.
+    - `stride`: an int or one int per spatial axis; default `kernel_size`.
+    - `padding`: an int or one int per spatial axis, zeros on both sides; at most half
+      the kernel size.
+    - `ceil_mode`: round the output size up instead of down (a last window that would
+      start in the far padding is dropped, as in PyTorch).
+    - `count_include_pad`: whether the padding counts in the divisor (PyTorch's default,
+      `True`); with `False` each window is averaged over its elements inside the input.
+      The extra padding of `ceil_mode` never counts.
+
+    Each output spatial size is `(size + 2 * padding - kernel) // stride + 1` (rounded up
+    with `ceil_mode`).
+
+    **Returns:** `pool(x)` returns `(*batch, *out_spatial, channels)` for `x` of shape
+    `(*batch, *spatial, channels)`.
+
+    !!! Example
+
+        ```python
+        pool = nn.AvgPool2d(2)
+        y = pool(jnp.ones((8, 32, 32, 16)))  # (8, 16, 16, 16)
+        pool = nn.AvgPool3d(2)
+        y = pool(jnp.ones((2, 16, 16, 16, 8)))  # (2, 8, 8, 8, 8)
+        ```
+    """
+
     count_include_pad: bool = eqx.field(static=True)
 
     def __init__(
@@ -174,32 +237,7 @@ class _AvgPoolNd(_PoolNd):
 
 
 class MaxPool1d(_MaxPoolNd):
-    """1-d max pooling over channels-last input `(*batch, length, channels)`, as PyTorch's
-    `MaxPool1d`.
-
-    **Arguments:**
-
-    - `kernel_size`: window size, an int or a 1-tuple.
-    - `stride`: an int or a 1-tuple; default `kernel_size`.
-    - `padding`: an int or a 1-tuple, on both sides, padded with `-inf`; at most half the
-      kernel size.
-    - `dilation`: spacing between window elements.
-    - `ceil_mode`: round the output size up instead of down (a last window that would
-      start in the right padding is dropped, as in PyTorch).
-
-    The output length is `(size + 2 * padding - dilation * (kernel - 1) - 1) // stride +
-    1` (rounded up with `ceil_mode`).
-
-    **Returns:** `pool(x)` returns `(*batch, out_length, channels)` for `x` of shape `(*batch,
-    length, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.MaxPool1d(2)
-        y = pool(jnp.ones((8, 100, 16)))  # (8, 50, 16)
-        ```
-    """
+    """As [max pooling][treenn.nn._pooling._MaxPoolNd] with 1 spatial axis."""
 
     num_spatial_dims: ClassVar[int] = 1
     __init__ = _MaxPoolNd.__init__  # explicit, so that type checkers see the signature
@@ -211,32 +249,7 @@ class MaxPool1d(_MaxPoolNd):
 
 
 class MaxPool2d(_MaxPoolNd):
-    """2-d max pooling over channels-last input `(*batch, height, width, channels)`, as
-    PyTorch's `MaxPool2d`.
-
-    **Arguments:**
-
-    - `kernel_size`: window size, an int or a pair.
-    - `stride`: an int or a pair; default `kernel_size`.
-    - `padding`: an int or a pair, on both sides, padded with `-inf`; at most half the
-      kernel size.
-    - `dilation`: spacing between window elements, an int or a pair.
-    - `ceil_mode`: round the output size up instead of down (a last window that would
-      start in the bottom or right padding is dropped, as in PyTorch).
-
-    The output height and width are each `(size + 2 * padding - dilation * (kernel - 1) -
-    1) // stride + 1` (rounded up with `ceil_mode`).
-
-    **Returns:** `pool(x)` returns `(*batch, out_height, out_width, channels)` for `x` of shape
-    `(*batch, height, width, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.MaxPool2d(3, stride=2, padding=1)
-        y = pool(jnp.ones((8, 32, 32, 16)))  # (8, 16, 16, 16)
-        ```
-    """
+    """As [max pooling][treenn.nn._pooling._MaxPoolNd] with 2 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 2
     __init__ = _MaxPoolNd.__init__  # explicit, so that type checkers see the signature
@@ -251,32 +264,7 @@ class MaxPool2d(_MaxPoolNd):
 
 
 class MaxPool3d(_MaxPoolNd):
-    """3-d max pooling over channels-last input `(*batch, depth, height, width,
-    channels)`, as PyTorch's `MaxPool3d`.
-
-    **Arguments:**
-
-    - `kernel_size`: window size, an int or a triple.
-    - `stride`: an int or a triple; default `kernel_size`.
-    - `padding`: an int or a triple, on both sides, padded with `-inf`; at most half the
-      kernel size.
-    - `dilation`: spacing between window elements, an int or a triple.
-    - `ceil_mode`: round the output size up instead of down (a last window that would
-      start in the far padding is dropped, as in PyTorch).
-
-    The output depth, height and width are each `(size + 2 * padding - dilation * (kernel
-    - 1) - 1) // stride + 1` (rounded up with `ceil_mode`).
-
-    **Returns:** `pool(x)` returns `(*batch, out_depth, out_height, out_width, channels)` for `x`
-    of shape `(*batch, depth, height, width, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.MaxPool3d(2)
-        y = pool(jnp.ones((2, 16, 16, 16, 8)))  # (2, 8, 8, 8, 8)
-        ```
-    """
+    """As [max pooling][treenn.nn._pooling._MaxPoolNd] with 3 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 3
     __init__ = _MaxPoolNd.__init__  # explicit, so that type checkers see the signature
@@ -291,33 +279,7 @@ class MaxPool3d(_MaxPoolNd):
 
 
 class AvgPool1d(_AvgPoolNd):
-    """1-d average pooling over channels-last input `(*batch, length, channels)`, as
-    PyTorch's `AvgPool1d`.
-
-    **Arguments:**
-
-    - `kernel_size`: window size, an int or a 1-tuple.
-    - `stride`: an int or a 1-tuple; default `kernel_size`.
-    - `padding`: an int or a 1-tuple, zeros on both sides; at most half the kernel size.
-    - `ceil_mode`: round the output size up instead of down (a last window that would
-      start in the right padding is dropped, as in PyTorch).
-    - `count_include_pad`: whether the padding counts in the divisor (PyTorch's default,
-      `True`); with `False` each window is averaged over its elements inside the input.
-      The extra padding of `ceil_mode` never counts.
-
-    The output length is `(size + 2 * padding - kernel) // stride + 1` (rounded up with
-    `ceil_mode`).
-
-    **Returns:** `pool(x)` returns `(*batch, out_length, channels)` for `x` of shape `(*batch,
-    length, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.AvgPool1d(2)
-        y = pool(jnp.ones((8, 100, 16)))  # (8, 50, 16)
-        ```
-    """
+    """As [average pooling][treenn.nn._pooling._AvgPoolNd] with 1 spatial axis."""
 
     num_spatial_dims: ClassVar[int] = 1
     __init__ = _AvgPoolNd.__init__  # explicit, so that type checkers see the signature
@@ -329,33 +291,7 @@ class AvgPool1d(_AvgPoolNd):
 
 
 class AvgPool2d(_AvgPoolNd):
-    """2-d average pooling over channels-last input `(*batch, height, width, channels)`,
-    as PyTorch's `AvgPool2d`.
-
-    **Arguments:**
-
-    - `kernel_size`: window size, an int or a pair.
-    - `stride`: an int or a pair; default `kernel_size`.
-    - `padding`: an int or a pair, zeros on both sides; at most half the kernel size.
-    - `ceil_mode`: round the output size up instead of down (a last window that would
-      start in the bottom or right padding is dropped, as in PyTorch).
-    - `count_include_pad`: whether the padding counts in the divisor (PyTorch's default,
-      `True`); with `False` each window is averaged over its elements inside the input.
-      The extra padding of `ceil_mode` never counts.
-
-    The output height and width are each `(size + 2 * padding - kernel) // stride + 1`
-    (rounded up with `ceil_mode`).
-
-    **Returns:** `pool(x)` returns `(*batch, out_height, out_width, channels)` for `x` of shape
-    `(*batch, height, width, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.AvgPool2d(2)
-        y = pool(jnp.ones((8, 32, 32, 16)))  # (8, 16, 16, 16)
-        ```
-    """
+    """As [average pooling][treenn.nn._pooling._AvgPoolNd] with 2 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 2
     __init__ = _AvgPoolNd.__init__  # explicit, so that type checkers see the signature
@@ -370,33 +306,7 @@ class AvgPool2d(_AvgPoolNd):
 
 
 class AvgPool3d(_AvgPoolNd):
-    """3-d average pooling over channels-last input `(*batch, depth, height, width,
-    channels)`, as PyTorch's `AvgPool3d`.
-
-    **Arguments:**
-
-    - `kernel_size`: window size, an int or a triple.
-    - `stride`: an int or a triple; default `kernel_size`.
-    - `padding`: an int or a triple, zeros on both sides; at most half the kernel size.
-    - `ceil_mode`: round the output size up instead of down (a last window that would
-      start in the far padding is dropped, as in PyTorch).
-    - `count_include_pad`: whether the padding counts in the divisor (PyTorch's default,
-      `True`); with `False` each window is averaged over its elements inside the input.
-      The extra padding of `ceil_mode` never counts.
-
-    The output depth, height and width are each `(size + 2 * padding - kernel) // stride
-    + 1` (rounded up with `ceil_mode`).
-
-    **Returns:** `pool(x)` returns `(*batch, out_depth, out_height, out_width, channels)` for `x`
-    of shape `(*batch, depth, height, width, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.AvgPool3d(2)
-        y = pool(jnp.ones((2, 16, 16, 16, 8)))  # (2, 8, 8, 8, 8)
-        ```
-    """
+    """As [average pooling][treenn.nn._pooling._AvgPoolNd] with 3 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 3
     __init__ = _AvgPoolNd.__init__  # explicit, so that type checkers see the signature
@@ -414,6 +324,34 @@ class AvgPool3d(_AvgPoolNd):
 
 
 class _AdaptiveAvgPoolNd(Module):
+    """Adaptive average pooling over channels-last input `(*batch, *spatial,
+    channels)` to a fixed output size, as PyTorch's `AdaptiveAvgPool1d`/`2d`/`3d`.
+    `nn.AdaptiveAvgPool1d`, `nn.AdaptiveAvgPool2d` and `nn.AdaptiveAvgPool3d` are this
+    layer with 1, 2 and 3 spatial axes.
+
+    Output position `j` of each axis averages the input over `[floor(j * size / out),
+    ceil((j + 1) * size / out))`, PyTorch's bins (they overlap when `size` is not a
+    multiple of `out`).
+
+    **Arguments:**
+
+    - `output_size`: one size per spatial axis (`(out_height, out_width)` for
+      `AdaptiveAvgPool2d`), or an int for all of them; an entry `None` keeps the input's
+      size on that axis.
+
+    **Returns:** `pool(x)` returns `(*batch, *output_size, channels)` for `x` of shape
+    `(*batch, *spatial, channels)`.
+
+    !!! Example
+
+        ```python
+        pool = nn.AdaptiveAvgPool1d(4)
+        y = pool(jnp.ones((8, 30, 16)))  # (8, 4, 16)
+        pool = nn.AdaptiveAvgPool2d((7, 7))
+        y = pool(jnp.ones((8, 30, 30, 16)))  # (8, 7, 7, 16)
+        ```
+    """
+
     output_size: tuple[int | None, ...] = eqx.field(static=True)
 
     num_spatial_dims: ClassVar[int]
@@ -463,26 +401,7 @@ class _AdaptiveAvgPoolNd(Module):
 
 
 class AdaptiveAvgPool1d(_AdaptiveAvgPoolNd):
-    """1-d adaptive average pooling over channels-last input `(*batch, length,
-    channels)` to a fixed output length, as PyTorch's `AdaptiveAvgPool1d`.
-
-    Output position `j` averages the input over `[floor(j * size / out), ceil((j + 1) *
-    size / out))`, PyTorch's bins (they overlap when `size` is not a multiple of `out`).
-
-    **Arguments:**
-
-    - `output_size`: the output length, an int or a 1-tuple; `None` keeps the input's.
-
-    **Returns:** `pool(x)` returns `(*batch, output_size, channels)` for `x` of shape `(*batch,
-    length, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.AdaptiveAvgPool1d(4)
-        y = pool(jnp.ones((8, 30, 16)))  # (8, 4, 16)
-        ```
-    """
+    """As [adaptive average pooling][treenn.nn._pooling._AdaptiveAvgPoolNd] with 1 spatial axis."""
 
     num_spatial_dims: ClassVar[int] = 1
     __init__ = _AdaptiveAvgPoolNd.__init__  # explicit, so that type checkers see the signature
@@ -494,27 +413,7 @@ class AdaptiveAvgPool1d(_AdaptiveAvgPoolNd):
 
 
 class AdaptiveAvgPool2d(_AdaptiveAvgPoolNd):
-    """2-d adaptive average pooling over channels-last input `(*batch, height, width,
-    channels)` to a fixed output size, as PyTorch's `AdaptiveAvgPool2d`.
-
-    Output position `j` of each axis averages the input over `[floor(j * size / out),
-    ceil((j + 1) * size / out))`, PyTorch's bins.
-
-    **Arguments:**
-
-    - `output_size`: `(out_height, out_width)`, or an int for both; an entry `None`
-      keeps the input's size on that axis.
-
-    **Returns:** `pool(x)` returns `(*batch, *output_size, channels)` for `x` of shape `(*batch,
-    height, width, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.AdaptiveAvgPool2d((7, 7))
-        y = pool(jnp.ones((8, 30, 30, 16)))  # (8, 7, 7, 16)
-        ```
-    """
+    """As [adaptive average pooling][treenn.nn._pooling._AdaptiveAvgPoolNd] with 2 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 2
     __init__ = _AdaptiveAvgPoolNd.__init__  # explicit, so that type checkers see the signature
@@ -529,27 +428,7 @@ class AdaptiveAvgPool2d(_AdaptiveAvgPoolNd):
 
 
 class AdaptiveAvgPool3d(_AdaptiveAvgPoolNd):
-    """3-d adaptive average pooling over channels-last input `(*batch, depth, height,
-    width, channels)` to a fixed output size, as PyTorch's `AdaptiveAvgPool3d`.
-
-    Output position `j` of each axis averages the input over `[floor(j * size / out),
-    ceil((j + 1) * size / out))`, PyTorch's bins.
-
-    **Arguments:**
-
-    - `output_size`: `(out_depth, out_height, out_width)`, or an int for all three; an
-      entry `None` keeps the input's size on that axis.
-
-    **Returns:** `pool(x)` returns `(*batch, *output_size, channels)` for `x` of shape `(*batch,
-    depth, height, width, channels)`.
-
-    !!! Example
-
-        ```python
-        pool = nn.AdaptiveAvgPool3d(1)
-        y = pool(jnp.ones((2, 8, 8, 8, 16)))  # (2, 1, 1, 1, 16)
-        ```
-    """
+    """As [adaptive average pooling][treenn.nn._pooling._AdaptiveAvgPoolNd] with 3 spatial axes."""
 
     num_spatial_dims: ClassVar[int] = 3
     __init__ = _AdaptiveAvgPoolNd.__init__  # explicit, so that type checkers see the signature
