@@ -5,6 +5,7 @@ test_normalization, test_dropout, test_attention)."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -147,3 +148,39 @@ def test_constructors_take_sizes_positionally_and_key_by_keyword(key: jax.Array)
     with pytest.raises(TypeError):
         nn.Conv2d(3, 4, 3, 1, key=key)  # type: ignore[misc]  # stride is keyword-only
     assert nn.Conv2d(3, 4, 3, stride=1, padding=0, key=key).weight.shape == (4, 3, 3, 3)
+
+
+# -- dataclasses.replace ------------------------------------------------------------------
+
+
+class _Head(treenn.Module):
+    weight: jax.Array
+    bias: jax.Array
+    drop: nn.Dropout
+
+
+def test_dataclasses_replace_drops_own_statuses_tree_at_keeps_them() -> None:
+    # Pins the behaviour docs/guides/from-equinox.md describes: `replace` rebuilds the
+    # module from its fields as attribute access returns them (a frozen array unwrapped),
+    # so its own frozen arrays come back trainable; submodules, passed whole, keep their
+    # statuses and pins. If `replace` starts keeping statuses, update that guide.
+    head = _Head(jnp.ones((2, 3)), jnp.zeros(2), nn.Dropout(0.5, pinned=True))
+    head = treenn.freeze(head, "weight")
+    assert treenn.statuses(head) == {"weight": "frozen", "bias": "trainable"}
+
+    replaced = dataclasses.replace(head, bias=jnp.ones(2))
+    assert treenn.statuses(replaced) == {"weight": "trainable", "bias": "trainable"}
+    assert jnp.array_equal(replaced.weight, head.weight)
+    assert replaced.drop.pinned
+
+    edited = eqx.tree_at(lambda m: m.bias, head, jnp.ones(2))
+    assert treenn.statuses(edited) == {"weight": "frozen", "bias": "trainable"}
+    assert jnp.array_equal(edited.bias, jnp.ones(2))
+    assert edited.drop.pinned
+
+
+def test_dataclasses_replace_cannot_call_a_layer_constructor(key: jax.Array) -> None:
+    # treenn's layers (as Equinox's) take sizes, not fields: `replace` is refused loudly
+    # (the wording is Python's, or the runtime type checker's under the test suite).
+    with pytest.raises(TypeError):
+        dataclasses.replace(nn.Linear(3, 2, key=key), bias=jnp.ones(2))
