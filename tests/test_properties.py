@@ -218,3 +218,114 @@ def test_modes_agrees_with_the_fields(data: Any) -> None:
     for path, inference in nn.modes(model).items():
         node = _at(model, path) if path else model
         assert bool(node.inference) is inference
+
+
+# -- every surgery, in any order (issue 21) --------------------------------------------
+
+OPS = ["freeze", "unfreeze", "eval", "train", "eval-pin", "train-pin", "unpin", "lora", "merge"]
+OPS += ["save-load", "abstract"]
+
+
+def _check_invariants(model: Any) -> None:
+    """What must hold after every step: each module's class fits its marks, behaviour
+    matches `nn.modes` (a train-mode dropout drops), statuses match `trainable`."""
+    # Private on purpose: the class rule itself is what this test checks.
+    from treenn._module import original_class
+    from treenn._status import holds_mark
+
+    for _, module, _ in _modules(model):
+        fields = module.__dict__
+        marked = any(holds_mark(v) for v in fields.values())
+        if not isinstance(module, treenn.Module):
+            assert (type(module) is original_class(type(module))) is not marked, type(module)
+        for name in fields:
+            assert not holds_mark(getattr(module, name)), (type(module), name)
+    modes = nn.modes(model)
+    for path, inference in modes.items():
+        node = _at(model, path) if path else model
+        if isinstance(node, (nn.Dropout, eqx.nn.Dropout)):
+            x = jax.numpy.ones((64,))
+            y = node(x, key=jax.random.key(1))
+            assert bool((y == x).all()) is inference, path
+    n_trainable = len(jax.tree_util.tree_leaves(treenn.trainable(model)))
+    assert n_trainable == list(treenn.statuses(model).values()).count("trainable")
+
+
+def _modules(model: Any) -> Any:
+    return [(p, m, None) for p, m in leaves_by_path_modules(model) if isinstance(m, eqx.Module)]
+
+
+def leaves_by_path_modules(model: Any) -> list[tuple[str, Any]]:
+    """Every module of `model` with its path (root included)."""
+    found: list[tuple[str, Any]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, eqx.Module):
+            found.append((path, node))
+            children = [(k, getattr(node, k)) for k in node.__dict__]
+        elif isinstance(node, (tuple, list)):
+            children = list(enumerate(node))
+        elif isinstance(node, dict):
+            children = list(node.items())
+        else:
+            return
+        for k, child in children:
+            walk(child, f"{path}.{k}" if path else str(k))
+
+    walk(model, "")
+    return found
+
+
+def _step(op: str, model: Any, where: Any, tmp: Any) -> Any:
+    if op == "freeze":
+        return try_(treenn.freeze, model, where)
+    if op == "unfreeze":
+        return try_(treenn.unfreeze, model, where)
+    if op in ("eval", "train", "eval-pin", "train-pin"):
+        switch = nn.eval_mode if op.startswith("eval") else nn.train_mode
+        try:
+            return switch(model, where, pin=op.endswith("pin"))
+        except ValueError as err:
+            assert "matches no" in str(err) or "only pinned" in str(err)
+            return None
+    if op == "unpin":
+        return try_(nn.unpin, model, where)
+    if op == "lora":
+        try:
+            return treenn.lora(model, (nn.Linear, eqx.nn.Linear), rank=1, key=jax.random.key(2))
+        except ValueError as err:
+            assert "matches no" in str(err) or "twice" in str(err) or "already" in str(err)
+            return None
+    if op == "merge":
+        try:
+            return treenn.merge_lora(model)
+        except ValueError as err:
+            assert "no LoRA adapter" in str(err)
+            return None
+    if op == "save-load":
+        path = tmp / "m.safetensors"
+        treenn.save(path, model)
+        return treenn.load(path, nn.train_mode(model))
+    # "abstract": the step after it, on the abstract model, must give what it gives on
+    # the concrete one; the sequence goes on with the concrete model.
+    return model
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_surgery_sequences_keep_every_invariant(data: Any, tmp_path_factory: Any) -> None:
+    model = build(data.draw(specs()))
+    tmp = tmp_path_factory.mktemp("seq")
+    _check_invariants(model)
+    ops = data.draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=6))
+    for i, op in enumerate(ops):
+        where = data.draw(selectors(model))
+        new = _step(op, model, where, tmp)
+        if new is None:
+            continue
+        if i > 0 and ops[i - 1] == "abstract" and op not in ("save-load", "lora"):
+            abstract = _step(op, eqx.filter_eval_shape(lambda: model), where, tmp)
+            assert treenn.statuses(abstract) == treenn.statuses(new)
+            assert nn.pinned(abstract) == nn.pinned(new) and nn.modes(abstract) == nn.modes(new)
+        model = new
+        _check_invariants(model)

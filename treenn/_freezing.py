@@ -113,7 +113,7 @@ class _SetFrozen(Edit):
         self.frozen = frozen
         self.acted = False
 
-    def leaf(self, path: str, leaf: Any) -> Any:
+    def leaf(self, path: Any, leaf: Any) -> Any:
         if not _candidate(leaf):
             return leaf
         self.acted = True

@@ -17,7 +17,7 @@ from ._edit import Edit, edit
 from ._module import replace
 from ._selectors import Where, describe, few, no_match, select
 from ._status import Pinned, is_abstract_array
-from ._tree import check_model, dotted, is_mode_bearing, modules, state_of
+from ._tree import check_model, dotted, is_mode_bearing, mode_bearing_type, modules, state_of
 
 T = TypeVar("T")
 
@@ -173,26 +173,25 @@ def mode_bearing(model: Any) -> list[tuple[str, Any]]:
 
 class _SetMode(Edit):
     """Set (or keep) the mode and pin of every covered mode-bearing module; counts the
-    covered ones and the pinned ones it skipped."""
+    covered ones and keeps the pinned ones it skipped."""
+
+    target_type = staticmethod(mode_bearing_type)
 
     def __init__(self, inference: bool | None, *, pin: bool, unpin: bool = False) -> None:
         self.inference, self.pin, self.unpin = inference, pin, unpin
         self.covered = 0
-        self.skipped: list[str] = []  # pinned paths left alone
+        self.skipped: list[Any] = []  # pinned modules left alone
 
-    def targets(self, module: Any) -> bool:
-        return is_mode_bearing(module)
-
-    def module(self, path: str, module: Any) -> Any:
+    def module(self, path: Any, module: Any) -> Any:
         self.covered += 1
         value = state_of(module).get("inference")  # a tracer under `jax.jit`: never bool() it
         pinned = type(value) is Pinned
         if self.unpin:
             return replace(module, inference=value.value) if pinned else module
         if pinned and not self.pin:
-            self.skipped.append(path)
+            self.skipped.append(module)
             return module
-        return with_mode(module, self.inference, self.pin)
+        return with_mode(module, self.inference, self.pin)  # type: ignore[arg-type]
 
 
 def _run(model: Any, where: Any, surgery: _SetMode, *, strict: bool = True) -> Any:
@@ -211,11 +210,13 @@ def _switch(model: Any, where: Any, *, inference: bool, pin: bool, fn: str) -> A
     surgery = _SetMode(inference, pin=pin)
     new = _run(model, selection, surgery)
     if selection is not None and surgery.skipped and len(surgery.skipped) == surgery.covered:
+        skipped = {id(m) for m in surgery.skipped}
+        paths = [p for p, m in mode_bearing(model) if id(m) in skipped]
         raise ValueError(
-            f"{fn}: where={describe(where)} selects only pinned modules "
-            f"({few(surgery.skipped)}), which keep their mode, so the call would change "
-            f"nothing. Switch them with `{fn}(model, where, pin=True)` (the pin stays), or "
-            "`nn.unpin(model, where)` first"
+            f"{fn}: where={describe(where)} selects only pinned modules ({few(paths)}), "
+            "which keep their mode, so the call would change nothing. Switch them with "
+            f"`{fn}(model, where, pin=True)` (the pin stays), or `nn.unpin(model, where)` "
+            "first"
         )
     return new
 
