@@ -10,10 +10,12 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax
 import pytest
 
 import treenn
 import treenn.nn as nn
+from treenn import _state
 
 EPS = 1e-5
 
@@ -362,3 +364,132 @@ def test_apply_passes_args_and_kwargs(bn, x):
 
     _, new = treenn.apply(Scaled(bn), x, 2.0, offset=1.0)
     assert_stats(new.bn, *expected_stats(2.0 * np.asarray(x) + 1.0))
+
+
+# -- issue 21, defect 5: apply inside a transform within a model (rematerialisation) -------
+
+
+def _block(key):
+    return nn.Sequential(nn.Linear(3, 4, key=key), nn.BatchNorm(4))
+
+
+class OwnRemat(treenn.Module):
+    """A user's remat of a block: the block's model comes out of the checkpoint, but a
+    model's `__call__` has no way to hand it to the enclosing apply."""
+
+    block: nn.Sequential
+    how: str = eqx.field(static=True)
+
+    def __call__(self, x):
+        if self.how == "eqx.filter_checkpoint":
+            out, _ = eqx.filter_checkpoint(treenn.apply)(self.block, x)
+        else:
+            out, _ = jax.checkpoint(lambda x: treenn.apply(self.block, x))(x)
+        return out
+
+
+@pytest.mark.parametrize("how", ["eqx.filter_checkpoint", "jax.checkpoint"])
+def test_apply_inside_a_checkpoint_within_the_model_raises_naming_the_layer(key, how):
+    """Used to return the model unchanged: the statistics were silently dropped."""
+    model = OwnRemat(_block(key), how)
+    x = jax.random.normal(key, (8, 3))
+    match = r"nn\.BatchNorm\(4\) at 'layers\.1'.*inside the model's `__call__`.*nn\.eval_mode"
+    with pytest.raises(RuntimeError, match=match):
+        treenn.apply(model, x)
+    with pytest.raises(RuntimeError, match=match):
+        treenn.jit(treenn.apply)(model, x)
+    # Evaluation mode records nothing: fine.
+    evaluated = nn.eval_mode(model)
+    assert treenn.apply(evaluated, x)[1] is evaluated
+
+
+class Remat(treenn.Module):
+    """Rematerialisation as treenn's wrappers do it: the block runs through `apply`
+    inside the checkpoint, and `_state.through` records the statistics of the block
+    that comes out into the enclosing apply."""
+
+    block: nn.Sequential
+    how: str = eqx.field(static=True, default="eqx.filter_checkpoint")
+    times: int = eqx.field(static=True, default=1)
+
+    def __call__(self, x):
+        for _ in range(self.times):
+            if self.how == "eqx.filter_checkpoint":
+                call = lambda b, x=x: eqx.filter_checkpoint(treenn.apply)(b, x)  # noqa: E731
+            else:
+                call = lambda b, x=x: jax.checkpoint(lambda x: treenn.apply(b, x))(x)  # noqa: E731
+            x = _state.through(self.block, call)
+        return x
+
+
+@pytest.mark.parametrize("how", ["eqx.filter_checkpoint", "jax.checkpoint"])
+def test_remat_through_records_the_statistics_into_the_enclosing_apply(key, how):
+    block, x = _block(key), jax.random.normal(key, (8, 3))
+    want_out, want = treenn.apply(block, x)
+    for run in (treenn.apply, treenn.jit(treenn.apply)):
+        out, new = run(Remat(block, how), x)
+        np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+        assert_stats(new.block.layers[1], want.layers[1].running_mean, want.layers[1].running_var)
+        assert _is_buffer(new, lambda m: m.block.layers[1].running_mean)
+
+
+def test_remat_through_a_block_run_twice_continues_from_its_first_run(key):
+    # 4 -> 4 features, so that the block can run on its own output.
+    block = nn.Sequential(nn.Linear(4, 4, key=key), nn.BatchNorm(4))
+    x = jax.random.normal(key, (8, 4))
+    y, once = treenn.apply(block, x)
+    _, twice = treenn.apply(once, y)
+    _, new = treenn.apply(Remat(block, times=2), x)
+    got = new.block.layers[1]
+    assert_stats(got, twice.layers[1].running_mean, twice.layers[1].running_var)
+
+
+def test_remat_through_in_train_step_gives_the_plain_models_step(key):
+    block, x = _block(key), jax.random.normal(key, (8, 3))
+    results = []
+    for model in (Remat(block), Remat(block, how="jax.checkpoint"), block):
+        # The loss calls the model directly: train_step collects as apply does.
+        with jax.numpy_dtype_promotion("standard"):
+            tx = optax.sgd(0.1)
+            step = treenn.train_step(lambda m, x: jnp.mean(m(x) ** 2), tx)
+            new, _, loss = step(model, tx.init(treenn.trainable(model)), x)
+        results.append((getattr(new, "block", new), loss))
+    (plain, plain_loss) = results[-1]
+    assert not jnp.array_equal(plain.layers[1].running_mean, jnp.zeros(4))
+    for got, loss in results[:-1]:
+        np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+        for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(plain)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_through_outside_apply_raises(key):
+    model, x = Remat(_block(key)), jax.random.normal(key, (8, 3))
+    with pytest.raises(RuntimeError, match=r"outside `treenn\.apply`"):
+        model(x)
+    with pytest.raises(RuntimeError, match=r"outside `treenn\.apply`"):
+        eqx.filter_jit(lambda m, x: m(x))(model, x)
+    evaluated = nn.eval_mode(model)
+    np.testing.assert_allclose(evaluated(x), nn.eval_mode(model.block)(x), rtol=1e-6)
+    assert treenn.apply(evaluated, x)[1] is evaluated
+
+
+def test_a_transform_around_the_whole_model_works_as_the_errors_advise(key):
+    """The advice of the errors above: open the transform outside the model and call
+    treenn.apply inside it; the model it returns holds the statistics."""
+    block, x = _block(key), jax.random.normal(key, (8, 3))
+    _, want = treenn.apply(block, x)
+    _, new = eqx.filter_checkpoint(treenn.apply)(block, x)
+    assert_stats(new.layers[1], want.layers[1].running_mean, want.layers[1].running_var)
+    _, new = eqx.filter_jit(eqx.filter_checkpoint(treenn.apply))(block, x)
+    assert_stats(new.layers[1], want.layers[1].running_mean, want.layers[1].running_var)
+
+
+def test_remat_through_of_a_block_not_in_the_model_raises(key):
+    class Fresh(treenn.Module):
+        scale: jax.Array
+
+        def __call__(self, x):
+            return Remat(_block(key))(x) * self.scale[None]
+
+    with pytest.raises(RuntimeError, match="not part of the model"):
+        treenn.apply(Fresh(jnp.ones(4)), jax.random.normal(key, (8, 3)))

@@ -158,3 +158,147 @@ def test_optimiser_state_is_independent_of_modes_and_pins(net, eqx_user):
             eqx.nn.inference_mode(model),
         ):
             assert jax.tree_util.tree_structure(treenn.trainable(edited)) == base
+
+
+# -- issue 21, defect 5: treenn.apply inside a JAX transform in a train_step loss ----------
+# Following the error's advice ("apply the transform outside treenn.apply") dropped the
+# statistics: the loss returned the model the transform gave back, and train_step used
+# its own (empty) records instead.
+
+
+def _tiny(key):
+    return nn.Sequential(nn.Linear(3, 4, key=key), nn.BatchNorm(4))
+
+
+def _tiny_step(loss, model, *args, has_aux=True):
+    with optax_promotion():
+        tx = optax.sgd(0.0)  # the statistics alone change
+        step = treenn.train_step(loss, tx, has_aux=has_aux)
+        return step(model, tx.init(treenn.trainable(model)), *args)
+
+
+def _assert_same_stats(got, want):
+    for name in ("running_mean", "running_var"):
+        a, b = getattr(got.layers[1], name), getattr(want.layers[1], name)
+        assert not jnp.array_equal(a, getattr(nn.BatchNorm(4), name))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _checkpointed(m, x):
+    out, m = eqx.filter_checkpoint(treenn.apply)(m, x)
+    return jnp.mean(out**2), m
+
+
+def _micro_batches(m, xs):
+    """lax.scan over micro-batches, the model's arrays as the carry."""
+    params, static = eqx.partition(m, eqx.is_array)
+
+    def body(params, xb):
+        out, new = treenn.apply(eqx.combine(params, static), xb)
+        return eqx.filter(new, eqx.is_array), jnp.mean(out**2)
+
+    params, losses = jax.lax.scan(body, params, xs)
+    return jnp.mean(losses), eqx.combine(params, static)
+
+
+def _ensemble(m, x):
+    out, m = eqx.filter_vmap(treenn.apply, in_axes=(eqx.if_array(0), None))(m, x)
+    return jnp.mean(out**2), (m, {"out": out})  # the model as one element of the aux
+
+
+def test_apply_in_checkpoint_in_a_train_step_loss_updates_the_statistics(key):
+    model, x = _tiny(key), jax.random.normal(jax.random.fold_in(key, 1), (8, 3))
+    new, _, (_, aux) = _tiny_step(_checkpointed, model, x)
+    _, want = treenn.apply(model, x)
+    _assert_same_stats(new, want)
+    _assert_same_stats(aux, want)
+    assert nn.modes(new) == nn.modes(model)
+
+
+def test_scan_over_micro_batches_in_a_train_step_loss_updates_the_statistics(key):
+    model, xs = _tiny(key), jax.random.normal(jax.random.fold_in(key, 1), (2, 8, 3))
+    new, _, _ = _tiny_step(_micro_batches, model, xs)
+    _, once = treenn.apply(model, xs[0])
+    _, twice = treenn.apply(once, xs[1])  # two sequential applies
+    _assert_same_stats(new, twice)
+
+
+def test_vmap_ensemble_in_a_train_step_loss_updates_each_members_statistics(key):
+    ensemble = eqx.filter_vmap(_tiny)(jax.random.split(key, 2))
+    x = jax.random.normal(jax.random.fold_in(key, 1), (8, 3))
+    new, _, _ = _tiny_step(_ensemble, ensemble, x)
+    arrays, static = eqx.partition(ensemble, eqx.is_array)
+    for i in range(2):
+        member = eqx.combine(jax.tree_util.tree_map(lambda a, i=i: a[i], arrays), static)
+        _, want = treenn.apply(member, x)
+        got = eqx.combine(
+            jax.tree_util.tree_map(lambda a, i=i: a[i], eqx.filter(new, eqx.is_array)), static
+        )
+        _assert_same_stats(got, want)
+
+
+@pytest.mark.parametrize("how", ["no aux", "aux without the model", "the input model"])
+def test_detached_apply_whose_model_the_loss_drops_raises_naming_the_layer(key, how):
+    model, x = _tiny(key), jax.random.normal(jax.random.fold_in(key, 1), (8, 3))
+
+    def loss(m, x):
+        out, new = eqx.filter_checkpoint(treenn.apply)(m, x)
+        value = jnp.mean(out**2)
+        if how == "no aux":
+            return value
+        return value, (out if how == "aux without the model" else m)
+
+    fix = r"return loss, model.*has_aux=True"
+    if how == "the input model":
+        match = r"nn\.BatchNorm\(4\) at 'layers\.1'.*loss returned does not hold them.*" + fix
+    else:
+        match = r"nn\.BatchNorm\(4\) at 'layers\.1'.*loss did not return that model.*" + fix
+    with pytest.raises(RuntimeError, match=match):
+        _tiny_step(loss, model, x, has_aux=how != "no aux")
+
+
+def test_model_called_directly_inside_a_transform_in_a_loss_gives_the_working_advice(key):
+    model, xs = _tiny(key), jax.random.normal(jax.random.fold_in(key, 1), (2, 8, 3))
+
+    def loss(m, xs):
+        return jnp.mean(jax.lax.map(lambda xb: m(xb), xs) ** 2)
+
+    with pytest.raises(RuntimeError, match=r"opened in the `treenn\.train_step` loss.*") as err:
+        _tiny_step(loss, model, xs, has_aux=False)
+    # The advice: through treenn.apply inside the transform, the model returned out of it
+    # and from the loss with has_aux=True. That is _micro_batches, tested above.
+    assert "Call the model through `treenn.apply` inside the transform" in str(err.value)
+    assert "has_aux=True" in str(err.value)
+
+
+def test_direct_call_and_transform_from_the_same_statistics_raise(key):
+    """A direct call records at the loss's level; a transform applied to the original
+    model then starts from the old statistics: one update would be lost."""
+    model, x = _tiny(key), jax.random.normal(jax.random.fold_in(key, 1), (8, 3))
+
+    def loss(m, x):
+        y = m(x)
+        out, m = eqx.filter_checkpoint(treenn.apply)(m, x)
+        return jnp.mean(out**2) + jnp.mean(y), m
+
+    with pytest.raises(RuntimeError, match=r"'layers\.1'.*both directly and inside"):
+        _tiny_step(loss, model, x)
+
+
+@pytest.mark.parametrize("order", ["apply, then transform", "transform, then call"])
+def test_threaded_calls_around_a_transform_count_in_order(key, order):
+    model, xs = _tiny(key), jax.random.normal(jax.random.fold_in(key, 1), (2, 8, 3))
+
+    def loss(m, xs):
+        if order == "apply, then transform":
+            _, m = treenn.apply(m, xs[0])
+            out, m = eqx.filter_checkpoint(treenn.apply)(m, xs[1])
+        else:
+            _, m = eqx.filter_checkpoint(treenn.apply)(m, xs[0])
+            out = m(xs[1])  # a direct call on the model the transform returned
+        return jnp.mean(out**2), m
+
+    new, _, _ = _tiny_step(loss, model, xs)
+    _, once = treenn.apply(model, xs[0])
+    _, twice = treenn.apply(once, xs[1])
+    _assert_same_stats(new, twice)

@@ -47,7 +47,12 @@ def train_step(
 
     - `loss_fn`: `loss_fn(model, *args, **kwargs)` returning a scalar loss, or
         `(loss, aux)` with `has_aux=True`. It may call the model directly: BatchNorm
-        running statistics are collected as by `treenn.apply`.
+        running statistics are collected as by `treenn.apply`. Where it runs the model
+        through `treenn.apply` inside a JAX transform (`lax.scan` over micro-batches,
+        an `eqx.filter_vmap` ensemble, `eqx.filter_checkpoint`), the statistics leave
+        the transform only in the model it returns: return that model as `aux` (or as
+        an element of a tuple, list or dict `aux`), and the step takes its statistics.
+        Not returning it is an error naming the layer, never a silent loss.
     - `tx`: an optax transform; its state is `tx.init(treenn.trainable(model))`.
     - `has_aux`: whether `loss_fn` returns auxiliary data.
     - `donate`: as for `treenn.jit` (`"all-except-first"` reuses the optimiser state's
@@ -69,9 +74,15 @@ def train_step(
     """
 
     def collecting(model: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        out, model = run(lambda m: loss_fn(m, *args, **kwargs), model)
+        out, model = run(lambda m: loss_fn(m, *args, **kwargs), model, kind="loss", returns=_aux)
         loss, aux = out if has_aux else (out, None)
         return loss, (aux, model)
+
+    def _aux(out: Any) -> Any:
+        # Where the loss may return the model (that a transform gave back).
+        if has_aux and isinstance(out, tuple) and len(out) == 2:
+            return out[1]
+        return None
 
     check_transform(tx, "train_step")
     grad_fn = value_and_grad(collecting, has_aux=True)
