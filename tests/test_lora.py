@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import close, named, optax_promotion, rand, rand_np, statuses
+from conftest import Net, close, named, optax_promotion, rand, rand_np, statuses
 
 import treenn
 import treenn.nn as nn
@@ -194,16 +194,132 @@ def test_merge_matches_adapted_across_layers(layer, x, key):
     close(call(treenn.merge_lora(model)), np.asarray(got), rtol=1e-5, atol=1e-5)
 
 
-def test_half_precision_layers(key):
-    layer = nn.Linear(4, 6, dtype=jnp.bfloat16, key=key)
-    model = randomised(treenn.lora(layer, None, rank=2, key=key))
+@pytest.mark.parametrize("half", [jnp.bfloat16, jnp.float16])
+def test_half_precision_base_gets_float32_adapters(half, key):
+    """PEFT's autocast_adapter_dtype=True: float32 adapters on a half-precision base, the
+    adapter path in float32, the layer's output in the base's dtype (strict promotion:
+    the suite would raise on an implicit bfloat16 + float32)."""
+    layers = {
+        "lin": nn.Linear(4, 6, dtype=half, key=key),
+        "conv": nn.Conv2d(3, 4, 3, padding=1, dtype=half, key=key),
+        "elin": eqx.tree_at(
+            lambda m: (m.weight, m.bias),
+            eqx.nn.Linear(4, 6, key=key),
+            replace_fn=lambda w: w.astype(half),
+        ),
+    }
+    inputs = {"lin": X, "conv": IMG, "elin": X[0]}
+    for name, layer in layers.items():
+        model = randomised(treenn.lora(layer, None, rank=2, alpha=4, key=key))
+        assert model.lora_A.dtype == model.lora_B.dtype == jnp.float32, name
+        x = inputs[name].astype(half)
+        y = model(x)
+        assert y.dtype == half, name
+        # The adapter's contribution, computed in float64 from the same arrays.
+        base = np.asarray(layer(x), np.float64)
+        merged = treenn.merge_lora(model)
+        assert merged.weight.dtype == half, name
+        want = np.asarray(merged(x), np.float64)
+        close(np.asarray(y, np.float64), want, rtol=2e-2, atol=2e-2)
+        assert not np.allclose(np.asarray(y, np.float64), base, atol=1e-2), name
+    # merge_lora sums in float32 and rounds once: the merged weight is the float64 sum
+    # rounded to the base dtype.
+    model = randomised(treenn.lora(layers["lin"], None, rank=2, alpha=4, key=key))
+    a, b = (np.asarray(v, np.float64) for v in (model.lora_A, model.lora_B))
+    want = np.asarray(layers["lin"].weight, np.float64) + 2.0 * b @ a
+    got = treenn.merge_lora(model).weight
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(want, half)))
+
+
+def test_adapter_dtype_override_and_full_precision_bases(key):
+    half = nn.Linear(4, 6, dtype=jnp.bfloat16, key=key)
+    model = randomised(treenn.lora(half, None, rank=2, dtype=jnp.bfloat16, key=key))
     assert model.lora_A.dtype == model.lora_B.dtype == jnp.bfloat16
-    x = X.astype(jnp.bfloat16)
-    y = model(x)
-    assert y.dtype == jnp.bfloat16
+    assert model(X.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    # A bfloat16 adapter on a float32 base: the sum in float32, the output float32.
+    lin = nn.Linear(4, 6, key=key)
+    low = randomised(treenn.lora(lin, None, rank=2, dtype=jnp.bfloat16, key=key))
+    assert low.lora_A.dtype == jnp.bfloat16 and low(X).dtype == jnp.float32
+    close(low(X), np.asarray(treenn.merge_lora(low)(X)), rtol=1e-2, atol=1e-2)
+    # float32 and float64 bases keep their own dtype by default.
+    assert treenn.lora(lin, None, rank=2, key=key).lora_A.dtype == jnp.float32
+    with jax.enable_x64(True):
+        wide = nn.Linear(4, 6, dtype=jnp.float64, key=key)
+        assert treenn.lora(wide, None, rank=2, key=key).lora_B.dtype == jnp.float64
+    with pytest.raises(ValueError, match="dtype=.*int32.* floating dtype"):
+        treenn.lora(lin, None, rank=2, dtype=jnp.int32, key=key)
+
+
+# -- stacked layers (eqx.filter_vmap) ---------------------------------------------------
+
+
+def _slice(tree, i):
+    return jax.tree_util.tree_map(lambda x: x[i] if eqx.is_array(x) else x, tree)
+
+
+def test_stacked_layers_get_stacked_adapters(key):
+    """Defect 8: a stack of blocks built with eqx.filter_vmap and run with lax.scan, the
+    standard Equinox pattern. The adapters used to take the stack axis for the rank."""
+    stack = eqx.filter_vmap(lambda k: nn.Linear(4, 4, key=k))(jax.random.split(key, 3))
+    model = randomised(treenn.lora(stack, None, rank=2, alpha=3, key=key))
+    assert model.lora_A.shape == (3, 2, 4) and model.lora_B.shape == (3, 4, 2)
+    st = statuses(model)
+    assert st["weight"] == st["bias"] == "frozen" and st["lora_A"] == "trainable"
+
+    def scan(layers, x):
+        params, static = eqx.partition(layers, eqx.is_array)
+        step = lambda h, p: (eqx.combine(p, static)(h), None)
+        return jax.lax.scan(step, x, params)[0]
+
+    # Each slice is an adapted layer computing LoRA's formula (float64 reference).
+    h = np.asarray(X, np.float64)
+    for i in range(3):
+        w, b, a, bb = (
+            np.asarray(v[i], np.float64)
+            for v in (stack.weight, stack.bias, model.lora_A, model.lora_B)
+        )
+        h = h @ w.T + b + 1.5 * (h @ a.T @ bb.T)
+        assert type(_slice(model, i)) is LoRALinear
+    got = scan(model, X)
+    close(got, h.astype(np.float32))
+    assert not np.allclose(got, scan(stack, X), atol=1e-3)  # the adapters act
+    # merge_lora: slice by slice; the merged stack scans to the same output.
     merged = treenn.merge_lora(model)
-    assert merged.weight.dtype == jnp.bfloat16
-    close(merged(x), np.asarray(y, np.float32), rtol=2e-2, atol=2e-2)
+    assert type(merged) is nn.Linear and merged.weight.shape == (3, 4, 4)
+    for i in range(3):
+        a, bb = (np.asarray(v[i], np.float64) for v in (model.lora_A, model.lora_B))
+        want = np.asarray(stack.weight[i], np.float64) + 1.5 * bb @ a
+        close(merged.weight[i], want.astype(np.float32))
+    close(scan(merged, X), np.asarray(got))
+
+
+def test_stacked_ensemble_of_equinox_convs_and_non_square_linears(key):
+    """An eqx.filter_vmap ensemble: per-member adapters, merged per member (the merge
+    used to fail with a reshape TypeError on non-square layers)."""
+    keys = jax.random.split(key, 2)
+    convs = eqx.filter_vmap(lambda k: eqx.nn.Conv2d(3, 5, 3, padding=1, key=k))(keys)
+    lins = eqx.filter_vmap(lambda k: nn.Linear(4, 6, key=k))(keys)
+    run = lambda m, x: eqx.filter_vmap(lambda member: member(x))(m)
+    for stack, x, a_shape, b_shape in [
+        (convs, CHW, (2, 2, 3, 3, 3), (2, 5, 2, 1, 1)),
+        (lins, X, (2, 2, 4), (2, 6, 2)),
+    ]:
+        model = randomised(treenn.lora(stack, None, rank=2, key=key))
+        assert model.lora_A.shape == a_shape and model.lora_B.shape == b_shape
+        got = run(model, x)
+        for i in range(2):  # each member is the adapted layer it holds
+            close(got[i], np.asarray(_slice(model, i)(x)))
+        merged = treenn.merge_lora(model)
+        close(run(merged, x), np.asarray(got))
+        for i in range(2):
+            close(merged.weight[i], np.asarray(treenn.merge_lora(_slice(model, i)).weight))
+
+
+def test_weight_shape_the_layer_does_not_declare_is_an_error(key):
+    layer = eqx.tree_at(lambda m: m.weight, nn.Linear(4, 6, key=key), jnp.ones((6, 5)))
+    model = nn.Sequential(nn.Linear(4, 4, key=key), layer)
+    with pytest.raises(ValueError, match=r"'layers\.1'.*weight has shape \(6, 5\).*\(6, 4\)"):
+        treenn.lora(model, None, rank=2, key=key)
 
 
 # -- misuse ---------------------------------------------------------------------------
@@ -275,6 +391,43 @@ def test_adapter_dropout_is_mode_bearing(key):
     assert set(nn.modes(ev_model).values()) == {True}
     # No dropout: PEFT's Identity, no mode.
     assert nn.modes(treenn.lora(mlp, "layers.0", rank=2, key=key)) == {"layers.1": False}
+
+
+def test_adapter_dropout_takes_the_unpinned_modules_mode(key):
+    """Defect 12: the adapters' dropout took its mode from every module, pins included:
+    with an MC-dropout pin (dropout pinned in training, the rest in evaluation) it
+    started in training, and eval_step refused the adapted model as mixed modes."""
+    net = Net(key=key)
+    mc = nn.train_mode(nn.eval_mode(net), nn.Dropout, pin=True)
+    predict = treenn.eval_step(lambda m, x, k: m(x, key=k))
+    images = rand((2, 5, 5, 3))
+    want = predict(mc, images, jax.random.key(1))  # accepted before lora
+    adapted = treenn.lora(mc, "head", rank=2, dropout=0.3, key=key)
+    np.testing.assert_array_equal(predict(adapted, images, jax.random.key(1)), want)
+    assert nn.modes(adapted)["head.lora_dropout"] is True
+    assert nn.pinned(adapted)["head.lora_dropout"] is False
+    # The other way round: the BatchNorm pinned in evaluation, the dropout trains.
+    frozen_bn = nn.eval_mode(net, nn.BatchNorm, pin=True)
+    assert (
+        nn.modes(treenn.lora(frozen_bn, "head", rank=2, dropout=0.3, key=key))["head.lora_dropout"]
+        is False
+    )
+    # Every module pinned: the adapter dropout is the only one the steps switch; it
+    # starts in evaluation when all of them are, else in training.
+    pinned_eval = nn.eval_mode(net, pin=True)
+    assert (
+        nn.modes(treenn.lora(pinned_eval, "head", rank=2, dropout=0.3, key=key))[
+            "head.lora_dropout"
+        ]
+        is True
+    )
+    pinned_mixed = nn.train_mode(pinned_eval, nn.Dropout, pin=True)
+    assert (
+        nn.modes(treenn.lora(pinned_mixed, "head", rank=2, dropout=0.3, key=key))[
+            "head.lora_dropout"
+        ]
+        is False
+    )
 
 
 @pytest.mark.slow  # a ViT's compile; test_adapter_dropout_is_mode_bearing stays quick

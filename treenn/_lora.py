@@ -5,12 +5,19 @@ An adapted layer is an instance of a statically defined subclass of its layer cl
 holds the layer's own fields (weight and bias frozen, paths unchanged) plus `lora_A`,
 `lora_B` (PEFT's layouts), `lora_dropout` (an `nn.Dropout`, or `nn.Identity` when
 `dropout=0`, as in PEFT) and the static `scaling = alpha / rank`.
+
+A layer stacked with `eqx.filter_vmap` (weights with leading stack axes, used under
+`eqx.filter_vmap` or `lax.scan`) gets adapters with the same leading axes, so that each
+slice is an adapted layer. `adapter_edit` is the per-layer edit, `(path, layer) -> new
+layer`, which `lora`'s walk applies to the layers it selects.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -19,7 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._module import Module, fit_class, fitted_class
-from ._selectors import Where, describe, no_match, select
+from ._selectors import Where, no_match, select
 from ._status import Frozen, is_inexact, marked_like, unmarked
 from ._tree import by_type, check_model, dotted, map_stopped, no_gc, state_of
 from .nn._attention import MultiheadAttention
@@ -48,13 +55,22 @@ class _Adapter(Module):
     _merged_field = "weight"
 
     def _delta_weight(self) -> jax.Array:
-        """`scaling * lora_B @ lora_A`, shaped like the merged weight (float32 at least)."""
+        """`scaling * lora_B @ lora_A`, shaped like the merged weight, in float32 (float64
+        when an adapter is): per slice for a stacked layer."""
         a, b = self.lora_A, self.lora_B
-        dtype = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
-        rank = a.shape[0]
-        delta = b.reshape((b.shape[0], rank)).astype(dtype) @ a.reshape((rank, -1)).astype(dtype)
+        dtype = jnp.float64 if jnp.float64 in (a.dtype, b.dtype) else jnp.float32
+        # Stack axes lead (eqx.filter_vmap); then rank and the layer's own axes.
+        lead = a.ndim - 2 - getattr(self, "num_spatial_dims", 0)
+        stack, rank, out = a.shape[:lead], a.shape[lead], b.shape[lead]
+        down = a.reshape((*stack, rank, -1)).astype(dtype)
+        delta = b.reshape((*stack, out, rank)).astype(dtype) @ down
         base = getattr(self, self._merged_field)
         return (delta * self.scaling).reshape(base.shape)
+
+    def _adapter_input(self, x: jax.Array, key: PRNGKeyArray | None) -> jax.Array:
+        """The adapter's input: `x` in the adapters' dtype (PEFT casts it so too),
+        through `lora_dropout`."""
+        return self.lora_dropout(x.astype(self.lora_A.dtype), key=self._key(key))
 
     def _key(self, key: PRNGKeyArray | None) -> PRNGKeyArray | None:
         dropout = self.lora_dropout
@@ -80,6 +96,32 @@ def _view(cls: type, layer: Any, **changes: Any) -> Any:
 _ADAPTER_FIELDS = frozenset({"lora_A", "lora_B", "lora_dropout", "scaling"})
 
 
+def _wider(a: Any, b: Any) -> Any:
+    """The dtype both `a` and `b` promote to (standard promotion: float32 for bfloat16
+    and float16), whatever the caller's promotion mode."""
+    if a == b:
+        return a
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(a, b)
+
+
+def _plus(y: jax.Array, delta: jax.Array) -> jax.Array:
+    """`y + delta` computed in the wider dtype, in `y`'s dtype (the base layer's output
+    dtype, as PEFT returns), so that a float32 adapter works on a bfloat16 base under
+    strict dtype promotion."""
+    if y.dtype == delta.dtype:
+        return y + delta
+    wide = _wider(y.dtype, delta.dtype)
+    return (y.astype(wide) + delta.astype(wide)).astype(y.dtype)
+
+
+def _merged(weight: jax.Array, delta: jax.Array) -> jax.Array:
+    """`weight + delta` computed in the wider dtype (`delta` is float32 at least),
+    rounded once to `weight`'s."""
+    wide = _wider(weight.dtype, delta.dtype)
+    return (weight.astype(wide) + delta.astype(wide)).astype(weight.dtype)
+
+
 def _matmul_out(h: jax.Array, b: jax.Array, axis: int) -> jax.Array:
     """`lora_B` as a 1x1 convolution (or a Linear): contract `h`'s feature `axis`."""
     b2 = b.reshape((b.shape[0], b.shape[1]))
@@ -96,8 +138,8 @@ class LoRALinear(_Adapter, Linear):
         self, x: Float[Array, "*batch in_features"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "*batch out_features"]:
         y = Linear.__call__(self, x)
-        h = self.lora_dropout(x, key=self._key(key))
-        return y + (h @ self.lora_A.T) @ self.lora_B.T * self.scaling
+        h = self._adapter_input(x, key)
+        return _plus(y, (h @ self.lora_A.T) @ self.lora_B.T * self.scaling)
 
 
 class _LoRAConvNd(_Adapter):
@@ -106,11 +148,11 @@ class _LoRAConvNd(_Adapter):
 
     def _adapted(self, base: Any, x: jax.Array, key: PRNGKeyArray | None) -> jax.Array:
         y = base._forward(self, x)
-        h = self.lora_dropout(x, key=self._key(key))
+        h = self._adapter_input(x, key)
         rank = self.lora_A.shape[0]
         down = _view(base, self, weight=self.lora_A, bias=None, out_channels=rank, groups=1)
         h = down._forward(h)
-        return y + _matmul_out(h, self.lora_B, -1) * self.scaling
+        return _plus(y, _matmul_out(h, self.lora_B, -1) * self.scaling)
 
 
 class LoRAConv1d(_LoRAConvNd, Conv1d):
@@ -158,8 +200,7 @@ class LoRAMultiheadAttention(_Adapter, MultiheadAttention):
 
     def __call__(self, query: Any, kv: Any = None, value: Any = None, **kwargs: Any) -> Any:
         assert self.in_proj_weight is not None
-        weight = self.in_proj_weight
-        merged = weight + self._delta_weight().astype(weight.dtype)
+        merged = _merged(self.in_proj_weight, self._delta_weight())
         base = _view(MultiheadAttention, self, in_proj_weight=merged)
         return MultiheadAttention.__call__(base, query, kv, value, **kwargs)
 
@@ -172,21 +213,21 @@ class LoRAEqxLinear(_Adapter, eqx.nn.Linear):
 
     def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
         y = eqx.nn.Linear.__call__(self, x)
-        h = self.lora_dropout(x, key=self._key(key))
+        h = self._adapter_input(x, key)
         h = jnp.reshape(h, (1,)) if self.in_features == "scalar" else h
         delta = self.lora_B @ (self.lora_A @ h) * self.scaling
-        return y + (delta[0] if self.out_features == "scalar" else delta)
+        return _plus(y, delta[0] if self.out_features == "scalar" else delta)
 
 
 class _LoRAEqxConv(_Adapter):
     def _adapted(self, base: type, x: jax.Array, key: PRNGKeyArray | None) -> jax.Array:
         y = base.__call__(self, x)
-        h = self.lora_dropout(x, key=self._key(key))
+        h = self._adapter_input(x, key)
         rank = self.lora_A.shape[0]
         down = _view(
             base, self, weight=self.lora_A, bias=None, use_bias=False, out_channels=rank, groups=1
         )
-        return y + _matmul_out(down(h), self.lora_B, 0) * self.scaling
+        return _plus(y, _matmul_out(down(h), self.lora_B, 0) * self.scaling)
 
 
 class LoRAEqxConv(_LoRAEqxConv, eqx.nn.Conv):
@@ -245,6 +286,37 @@ def _own_fields(base: type) -> tuple[str, ...]:
     return ("weight", "bias")
 
 
+def _declared_shape(layer: Any, base: type) -> tuple[int, ...]:
+    """The shape the layer's adapted weight has by its declared sizes, unstacked."""
+    if base is MultiheadAttention:
+        return (3 * layer.embed_dim, layer.embed_dim)
+    if base is Linear:
+        return (layer.out_features, layer.in_features)
+    if base is eqx.nn.Linear:
+        sizes = (layer.out_features, layer.in_features)
+        return tuple(1 if s == "scalar" else s for s in sizes)
+    # Convolutions, treenn's and Equinox's.
+    return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+
+
+def _stack_axes(path: str, layer: Any, base: type) -> tuple[int, ...]:
+    """The leading axes of a layer stacked with `eqx.filter_vmap`: those of its weight
+    before the shape its declared sizes give; `()` for a plain layer."""
+    field = _own_fields(base)[0]
+    shape = tuple(unmarked(state_of(layer)[field]).shape)
+    declared = _declared_shape(layer, base)
+    lead = len(shape) - len(declared)
+    if lead < 0 or shape[lead:] != declared:
+        raise ValueError(
+            f"treenn.lora: {path!r} is a {base.__qualname__} whose {field} has shape "
+            f"{shape}, which does not end in the shape its declared sizes give, {declared} "
+            "(a layer stacked with eqx.filter_vmap has extra leading axes only), so no "
+            "adapter shape fits it. Leave it out of the selection, or rebuild it with "
+            "matching sizes"
+        )
+    return shape[:lead]
+
+
 def _check_layer(path: str, layer: Any, base: type, dropout: float) -> None:
     if base is MultiheadAttention:
         if layer.in_proj_weight is None:
@@ -268,13 +340,76 @@ def _check_layer(path: str, layer: Any, base: type, dropout: float) -> None:
         )
 
 
+def _adapter_dtype(weight_dtype: Any, dtype: Any = None) -> Any:
+    """The adapters' dtype: `dtype` when given; else float32 for a floating base narrower
+    than 32 bits (bfloat16, float16, float8: PEFT's `autocast_adapter_dtype=True`),
+    else the base's own."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    weight_dtype = jnp.dtype(weight_dtype)
+    if jnp.issubdtype(weight_dtype, jnp.floating) and weight_dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return weight_dtype
+
+
+def adapter_edit(
+    *,
+    rank: int,
+    scaling: float,
+    dropout: float,
+    inference: bool,
+    dtype: Any,
+    key: PRNGKeyArray,
+) -> Callable[[str, Any], Any]:
+    """`lora`'s per-layer edit: `edit(path, layer)` returns `layer` as its adapted class,
+    its own arrays frozen and an adapter added, or raises naming `path` when the layer
+    cannot take one. The n-th layer edited draws its `lora_A` from `fold_in(key, n)`.
+
+    A layer stacked with `eqx.filter_vmap` (its weight has leading axes before the
+    shape its sizes declare) gets adapters with the same leading axes: `lora_A`
+    `(*stack, rank, in, *kernel)`, `lora_B` `(*stack, out, rank, 1, ...)`.
+    """
+    counter = itertools.count()
+
+    def edit(path: str, layer: Any) -> Any:
+        kind = fitted_class(type(layer), False)
+        if kind in BASE:
+            raise ValueError(
+                f"treenn.lora: {path!r} already has a LoRA adapter ({kind.__name__}); "
+                "merge it first with treenn.merge_lora, or leave it out of the selection"
+            )
+        if kind not in ADAPTED:
+            raise TypeError(
+                f"treenn.lora: {path!r} is a {kind.__qualname__}, a subclass of a layer "
+                "treenn adapts; its own __call__ could bypass the adapter, so it is not "
+                "adapted. Leave it out of the selection"
+            )
+        _check_layer(path, layer, kind, dropout)
+        stack = _stack_axes(path, layer, kind)
+        drop = Dropout(dropout, inference=inference) if dropout else Identity()
+        return _adapt(
+            layer,
+            kind,
+            stack=stack,
+            rank=rank,
+            scaling=scaling,
+            dropout=drop,
+            dtype=dtype,
+            key=jax.random.fold_in(key, next(counter)),
+        )
+
+    return edit
+
+
 def _adapt(
     layer: Any,
     base: type,
     *,
+    stack: tuple[int, ...],
     rank: int,
     scaling: float,
     dropout: Any,
+    dtype: Any,
     key: PRNGKeyArray,
 ) -> Any:
     """`layer` as its adapted class: own arrays frozen, adapter added."""
@@ -284,13 +419,13 @@ def _adapt(
         if value is not None and type(value) is not Frozen and is_inexact(value.dtype):
             state[name] = Frozen(value)
     weight = unmarked(state[_own_fields(base)[0]])
-    out, fan_in_shape = weight.shape[0], weight.shape[1:]
-    in_features = fan_in_shape[0]
-    spatial = tuple(fan_in_shape[1:])  # kernel size (convolutions), () otherwise
-    a_shape = (rank, in_features, *spatial)
+    out, in_features, *spatial = _declared_shape(layer, base)  # kernel size, or none
     fan_in = in_features * math.prod(spatial)
-    state["lora_A"] = torch_uniform(key, a_shape, fan_in, weight.dtype)
-    state["lora_B"] = jnp.zeros((out, rank, *(1,) * len(spatial)), weight.dtype)
+    # iid draws, so each slice of a stacked layer draws as a layer of its own would.
+    a_shape = (*stack, rank, in_features, *spatial)
+    dtype = _adapter_dtype(weight.dtype, dtype)
+    state["lora_A"] = torch_uniform(key, a_shape, fan_in, dtype)
+    state["lora_B"] = jnp.zeros((*stack, out, rank, *(1,) * len(spatial)), dtype)
     state["lora_dropout"] = dropout
     state["scaling"] = scaling
     new: Any = object.__new__(ADAPTED[base])
@@ -306,6 +441,7 @@ def lora(
     rank: int,
     alpha: float | int | None = None,
     dropout: float | int = 0.0,
+    dtype: Any = None,
     key: PRNGKeyArray,
 ) -> T:
     """Add a low-rank adapter (LoRA) to every selected Linear, convolution and attention
@@ -328,6 +464,11 @@ def lora(
     and `out_proj` its own; Equinox's `MultiheadAttention` is four `eqx.nn.Linear`s,
     each adapted.
 
+    Stacked layers: a layer built with `eqx.filter_vmap` (a stack of blocks run with
+    `lax.scan` or `eqx.filter_vmap`, weight `(n, out, in)`) gets adapters with the same
+    leading axes, `lora_A` `(n, rank, in)` and `lora_B` `(n, out, rank)`: each slice is
+    an adapted layer, and `merge_lora` merges slice by slice.
+
     **Arguments:**
 
     - `model`: a treenn or Equinox model.
@@ -337,22 +478,33 @@ def lora(
     - `rank`: the adapters' rank `r` (>= 1).
     - `alpha`: LoRA's `alpha`; the scaling is `alpha / rank`. `None` means `rank`
         (scaling 1).
-    - `dropout`: dropout on the adapter's input (PEFT's `lora_dropout`): an
-        `nn.Dropout` at `<path>.lora_dropout`, mode-bearing, switched with the rest of
-        the model by `nn.eval_mode`/`nn.train_mode` (pins included). It starts in
-        evaluation mode when every mode-bearing module of the model is, else in
-        training mode. `0.0` puts an `nn.Identity` there, as PEFT does. In training
-        mode the layer then needs `key=`, which treenn's `Attention` and `MLP` do not
-        pass to their Linear layers: there, keep `dropout=0.0`.
+    - `dropout`: dropout on the adapter's input (PEFT's `lora_dropout`). `0.0` puts an
+        `nn.Identity` at `<path>.lora_dropout`, as PEFT does; otherwise an unpinned
+        `nn.Dropout`, a mode-bearing module like any other: `nn.eval_mode` and
+        `nn.train_mode` switch it with the rest of the model, `treenn.train_step` and
+        `eval_step` run it in the step's mode, and it can be pinned. It starts in the
+        mode of the model's unpinned mode-bearing modules, the ones the steps switch, so
+        the steps accept the adapted model whenever they accepted the model. When they
+        are in mixed modes (which the steps refuse) it starts in training mode; when
+        every mode-bearing module is pinned, in evaluation mode if all of them are in
+        it, else in training mode, as when the model has none (`nn.Dropout`'s default).
+        In training mode the adapted layer needs `key=`, and raises naming
+        `lora_dropout` without one; treenn's `Attention`, `MLP` and
+        `MultiheadAttention` hand each projection a key of its own.
+    - `dtype`: the adapters' dtype. `None` means float32 on a floating base narrower
+        than 32 bits (bfloat16, float16: PEFT's default `autocast_adapter_dtype=True`,
+        for stable training), else the base weight's dtype. The adapter computes in its
+        dtype and the layer returns the base layer's output dtype.
     - `key`: PRNG key for `lora_A`.
 
     **Returns:** the adapted model; `model` is unchanged. The adapters are trainable;
     everything outside the selected layers keeps its status (freeze the rest with
     `treenn.freeze` as usual: `lora` after `freeze` leaves only the adapters
     trainable). Raises `ValueError` naming the selector when it selects no adaptable
-    layer, or naming the path of an already adapted layer, a grouped convolution, or an
-    `nn.MultiheadAttention` with separate q/k/v weights; `TypeError` for a selected
-    subclass of a supported layer (its own `__call__` could ignore the adapter).
+    layer, or naming the path of an already adapted layer, a grouped convolution, an
+    `nn.MultiheadAttention` with separate q/k/v weights, or a layer whose weight's
+    shape its declared sizes do not explain; `TypeError` for a selected subclass of a
+    supported layer (its own `__call__` could ignore the adapter).
 
     !!! Example
 
@@ -372,11 +524,19 @@ def lora(
         raise ValueError(f"treenn.lora: alpha={alpha!r} must be a positive number (or None)")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"treenn.lora: dropout={dropout!r} must be in [0, 1)")
+    if dtype is not None and not _is_float_dtype(dtype):
+        raise ValueError(f"treenn.lora: dtype={dtype!r} must be a floating dtype (or None)")
     if not _is_prng_key(key):
         raise TypeError(f"treenn.lora: key={key!r} is not a PRNG key; pass e.g. jax.random.key(0)")
     selection = select(where, model)
-    scaling = float(rank if alpha is None else alpha) / rank
-    inference = _all_eval(model)
+    edit = adapter_edit(
+        rank=rank,
+        scaling=float(rank if alpha is None else alpha) / rank,
+        dropout=float(dropout),
+        inference=_adapter_mode(model) if dropout else False,
+        dtype=dtype,
+        key=key,
+    )
     adapted: list[str] = []
     candidates: list[str] = []
 
@@ -385,29 +545,7 @@ def lora(
         candidates.append(name)
         if selection is not None and not selection.covers(name):
             return layer
-        kind = fitted_class(type(layer), False)
-        if kind in BASE:
-            raise ValueError(
-                f"treenn.lora: {name!r} already has a LoRA adapter ({kind.__name__}); "
-                "merge it first with treenn.merge_lora, or leave it out of the selection"
-            )
-        base = kind if kind in ADAPTED else None
-        if base is None:
-            raise TypeError(
-                f"treenn.lora: {name!r} is a {kind.__qualname__}, a subclass of a layer "
-                "treenn adapts; its own __call__ could bypass the adapter, so it is not "
-                f"adapted. Leave it out of the selection (where={describe(where)})"
-            )
-        _check_layer(name, layer, base, dropout)
-        drop = Dropout(float(dropout), inference=inference) if dropout else Identity()
-        new = _adapt(
-            layer,
-            base,
-            rank=rank,
-            scaling=scaling,
-            dropout=drop,
-            key=jax.random.fold_in(key, len(adapted)),
-        )
+        new = edit(name, layer)
         adapted.append(name)
         return new
 
@@ -430,10 +568,25 @@ def _is_prng_key(key: Any) -> bool:
     return dtype == jnp.uint32 and tuple(key.shape) == (2,)
 
 
-def _all_eval(model: Any) -> bool:
-    from .nn import modes
+def _is_float_dtype(dtype: Any) -> bool:
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+    except TypeError:
+        return False
 
-    found = modes(model)
+
+def _adapter_mode(model: Any) -> bool:
+    """The mode (`inference`) new adapter dropouts start in: that of the unpinned
+    mode-bearing modules, which `train_step`/`eval_step` require to agree; the pinned
+    ones keep theirs and take no part (see `lora`'s `dropout`)."""
+    from .nn import modes, pinned
+
+    found, pins = modes(model), pinned(model)
+    free = {inference for path, inference in found.items() if not pins[path]}
+    if len(free) == 1:
+        return free.pop()
+    if free:  # mixed: the steps refuse the model anyway
+        return False
     return bool(found) and all(found.values())
 
 
@@ -448,9 +601,11 @@ def merge_lora(model: T) -> T:
     **Returns:** a plain model: each adapted layer is again its original class (an
     `nn.Linear`, an `eqx.nn.Conv2d`...), with `weight + alpha / rank * lora_B @
     lora_A` as its weight, which keeps the base weight's status (frozen, since
-    `lora`); the adapters and their dropout are gone. Its outputs equal the adapted
-    model's to float32 rounding, at the base model's cost. Raises `ValueError` when the
-    model has no adapter.
+    `lora`) and dtype (the sum is computed in float32, or float64 for float64
+    arrays); a stacked layer (see `lora`) merges slice by slice. The adapters and
+    their dropout are gone. Its outputs equal the adapted model's to float32 rounding
+    (to the base's rounding on a bfloat16 base), at the base model's cost. Raises
+    `ValueError` when the model has no adapter.
 
     !!! Example
 
@@ -466,9 +621,7 @@ def merge_lora(model: T) -> T:
         base = BASE[fitted_class(type(layer), False)]
         field = layer._merged_field
         stored = state_of(layer)[field]
-        weight = unmarked(stored)
-        delta = layer._delta_weight()
-        value = (weight.astype(delta.dtype) + delta).astype(weight.dtype)
+        value = _merged(unmarked(stored), layer._delta_weight())
         merged.append(dotted(path))
         return fit_class(_view(base, layer, **{field: marked_like(stored, value)}))
 
