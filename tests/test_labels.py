@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,12 +121,134 @@ def test_layer_decay_vit_as_timm(key):
     assert p["cls_token"] == p["pos_embed"] == p["patch_embed.proj.weight"] == "layer_0"
     assert p["blocks.0.attn.qkv.weight"] == "layer_1"
     assert p["blocks.2.mlp.fc2.bias"] == "layer_3"
-    assert p["norm.weight"] == p["head.bias"] == "layer_4"
+    assert p["head.weight"] == p["head.bias"] == "layer_4"
     moved = _sgd_groups(vit, groups, {k: 0.1 * s for k, s in groups.scales.items()})
     assert moved["blocks.1.norm1.weight"] == pytest.approx(-0.1 * 0.25)
     tx = optax.multi_transform(groups.transforms(lambda s: optax.sgd(s)), groups)
     with optax_promotion():
         tx.init(treenn.trainable(vit))
+
+
+# timm 1.0.x (timm/models/vision_transformer.py, timm/models/resnet.py): the models'
+# group_matcher(coarse=False), which timm.optim's param_groups_layer_decay groups by.
+TIMM_MATCHERS = {
+    "vit": {
+        "stem": r"^cls_token|reg_token|pos_embed|patch_embed",
+        "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+    },
+    "resnet": {"stem": r"^conv1|bn1|maxpool", "blocks": r"^layer(\d+)\.(\d+)"},
+}
+
+
+def _timm_layer_ids(names, matcher):
+    """timm's layer id of each parameter name: timm's own `group_with_matcher` when
+    timm is installed, else this transcription of it (timm/models/_manipulate.py):
+    each name gets the ordinal tuple of the first regex matching it (unmatched: last),
+    tuples are numbered in sorted order, and one ending in 99999 (MATCH_PREV_GROUP)
+    joins the group before it."""
+    try:
+        from timm.models._manipulate import group_with_matcher
+    except ImportError:
+        pass
+    else:
+        return group_with_matcher([(n, None) for n in names], matcher, reverse=True)
+    compiled = []
+    for ordinal, spec in enumerate(matcher.values()):
+        for regex, suffix in spec if isinstance(spec, list) else [(spec, None)]:
+            compiled.append((re.compile(regex), (ordinal,), suffix))
+
+    def key(name):
+        for regex, prefix, suffix in compiled:
+            found = regex.match(name)
+            if found:
+                parts = filter(None, (prefix, found.groups(), suffix))
+                return tuple(float(x) for part in parts for x in part)
+        return (float("inf"),)
+
+    keys = {name: key(name) for name in names}
+    layer, ids = -1, {}
+    for k in sorted(set(keys.values())):
+        if layer < 0 or k[-1] != 99999:
+            layer += 1
+        ids[k] = layer
+    return {name: ids[k] for name, k in keys.items()}
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_layer_decay_groups_as_timm(arch, key):
+    """Regression: the ViT's final norm had the head's scale; timm groups it with the
+    last block. Every parameter's layer (and so its scale) is timm's."""
+    if arch == "vit":
+        model = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=3, key=key)
+    else:
+        model = treenn.models.resnet18(3, width=4, key=key)
+    groups = treenn.layer_decay(model, 0.75)
+    params = [p for p, s in treenn.statuses(model).items() if s == "trainable"]
+    timm_ids = _timm_layer_ids(params, TIMM_MATCHERS[arch])
+    assert {p: int(groups.paths[p].removeprefix("layer_")) for p in params} == timm_ids
+    top = max(timm_ids.values())  # timm: scale = layer_decay ** (top - layer id)
+    assert groups.scales == {f"layer_{i}": 0.75 ** (top - i) for i in range(top + 1)}
+    if arch == "vit":
+        assert groups.paths["norm.weight"] == groups.paths["blocks.2.norm2.weight"] == "layer_3"
+
+
+def test_layer_decay_asks_the_model_for_its_layers(key):
+    """A model of one's own, Equinox's or treenn's, names its layers with layer_groups():
+    groups in order, each a selector or a list of them; the rest is the head."""
+
+    class Tower(eqx.Module):
+        embed: eqx.nn.Linear
+        blocks: tuple[eqx.nn.Linear, ...]
+        out: eqx.nn.Linear
+
+        def __init__(self, key):
+            keys = jax.random.split(key, 4)
+            self.embed = eqx.nn.Linear(2, 2, key=keys[0])
+            self.blocks = (eqx.nn.Linear(2, 2, key=keys[1]), eqx.nn.Linear(2, 2, key=keys[2]))
+            self.out = eqx.nn.Linear(2, 2, key=keys[3])
+
+        def layer_groups(self):
+            return ["embed.**", [lambda m: m.blocks[0], "blocks.1.bias"], "blocks.1.weight"]
+
+        def __call__(self, x):
+            return x
+
+    groups = treenn.layer_decay(Tower(key), 0.5)
+    assert groups.paths == {
+        "embed.weight": "layer_0",
+        "embed.bias": "layer_0",
+        "blocks.0.weight": "layer_1",
+        "blocks.0.bias": "layer_1",
+        "blocks.1.bias": "layer_1",
+        "blocks.1.weight": "layer_2",
+        "out.weight": "layer_3",
+        "out.bias": "layer_3",
+    }
+    assert groups.scales == {"layer_0": 0.125, "layer_1": 0.25, "layer_2": 0.5, "layer_3": 1.0}
+
+    class Headless(Tower):
+        def layer_groups(self):  # every array in a group: no head, no error
+            return ["embed", "blocks", "out"]
+
+    assert set(treenn.layer_decay(Headless(key), 0.5).paths.values()) == {
+        "layer_0",
+        "layer_1",
+        "layer_2",
+    }
+
+    class Typo(Tower):
+        def layer_groups(self):
+            return ["embed", "blcoks", "out"]
+
+    with pytest.raises(ValueError, match=r"treenn\.layer_decay: rule 'blcoks' matches no array"):
+        treenn.layer_decay(Typo(key), 0.5)
+
+    class NotAList(Tower):
+        def layer_groups(self):
+            return "embed"
+
+    with pytest.raises(TypeError, match=r"NotAList\.layer_groups\(\) returned 'embed'"):
+        treenn.layer_decay(NotAList(key), 0.5)
 
 
 def test_layer_decay_resnet_and_lora(key):
@@ -153,7 +278,7 @@ def _flat_labels(tree):
 
 
 def test_layer_decay_misuse(net, key):
-    with pytest.raises(TypeError, match="knows treenn.models.VisionTransformer and ResNet"):
+    with pytest.raises(TypeError, match=r"Net has no layer_groups\(\) method.*add one"):
         treenn.layer_decay(net, 0.75)
     vit = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=1, key=key)
     for bad in (0.0, 1.5, -0.1):

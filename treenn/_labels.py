@@ -1,7 +1,7 @@
 """Per-path optimiser groups: `treenn.labels` and `treenn.layer_decay`.
 
 Rules are matched as `treenn.shard`'s are (first match wins, selectors resolved once
-against the model), by the same `_Rule` machinery. The result is a callable, as optax's
+against the model), by the same `RuleSet` (`_rules.py`). The result is a callable, as optax's
 `multi_transform` accepts: it labels whatever trainable tree of the model it is given,
 so one optimiser keeps working across `unfreeze` + `migrate_opt_state`. (A labels *tree*
 with the model's structure would not do: its root is the model, which is callable, and
@@ -11,12 +11,10 @@ optax would call it.)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
-from jax.sharding import PartitionSpec
-
+from ._rules import RuleSet
 from ._selectors import few
-from ._sharding import _first_rule, _Rule, check_rules_used
 from ._status import Status, is_array_leaf, status_of
 from ._tree import check_model, dotted, flatten, unflatten
 
@@ -53,7 +51,7 @@ class Labels:
         ```
     """
 
-    def __init__(self, rules: list[_Rule], paths: dict[str, str], scales: Any = None):
+    def __init__(self, rules: RuleSet, paths: dict[str, str], scales: Any = None):
         self._rules = rules
         self.paths = paths
         self.scales: dict[str, float] | None = scales
@@ -62,14 +60,12 @@ class Labels:
         """The label of the array at `path` (first matching rule)."""
         found = self.paths.get(path)
         if found is None:
-            rule = next((r for r in self._rules if r.covers(path)), None)
+            rule = self._rules.peek(path)
             if rule is None:
-                raise ValueError(
-                    f"treenn.labels: no rule matches trainable array {path!r}; rules: "
-                    f"{', '.join(r.name for r in self._rules)}. End them with a catch-all "
-                    "such as '**': 'default'"
+                raise self._rules.unmatched(
+                    "treenn.labels", "trainable array ", repr(path), _ADVICE
                 )
-            found = self.paths[path] = _label_of(rule)
+            found = self.paths[path] = rule.value
         return found
 
     def __call__(self, params: Any) -> Any:
@@ -98,18 +94,7 @@ class Labels:
         return f"Labels({{{shown}}})"
 
 
-class _LabelRule(_Rule):
-    """A `treenn.shard` rule whose `spec` is a label string."""
-
-    __slots__ = ()
-
-    def __init__(self, where: Any, label: str, tree: Any):
-        super().__init__(where, PartitionSpec(), tree)
-        self.spec = label  # type: ignore[assignment]
-
-
-def _label_of(rule: _Rule) -> str:
-    return cast(str, rule.spec)
+_ADVICE = "End them with a catch-all such as '**': 'default'"
 
 
 def _is_abstract(x: Any) -> bool:
@@ -159,11 +144,12 @@ def labels(model: Any, rules: Mapping[Any, str]) -> Labels:
                 f"({type(label).__name__}); labels are strings, the keys of the "
                 "transforms given to optax.multi_transform"
             )
-    resolved: list[_Rule] = [_LabelRule(w, label, model) for w, label in rules.items()]
-    return _label(model, resolved)
+    return _label("treenn.labels", model, RuleSet(rules.items(), model))
 
 
-def _label(model: Any, resolved: list[_Rule], scales: Any = None) -> Labels:
+def _label(fn: str, model: Any, resolved: RuleSet, scales: Any = None, head: Any = None) -> Labels:
+    """Label the model's arrays by `resolved`; `head`, a rule exempt from the check
+    that every rule labels something."""
     paths, leaves, _ = flatten(model)
     found: dict[str, str] = {}
     unmatched = []
@@ -173,49 +159,64 @@ def _label(model: Any, resolved: list[_Rule], scales: Any = None) -> Labels:
             continue
         name = dotted(path)
         names.append(name)
-        rule = _first_rule(resolved, name)
+        rule = resolved.first(name)
         if rule is not None:
-            found[name] = _label_of(rule)
+            found[name] = rule.value
         elif status_of(leaf) is Status.TRAINABLE:
             unmatched.append(name)
     if unmatched:
-        raise ValueError(
-            f"treenn.labels: no rule matches trainable array(s) {few(unmatched)}; rules: "
-            f"{', '.join(r.name for r in resolved)}. End them with a catch-all such as "
-            "'**': 'default'"
-        )
-    unused = [rule for rule in resolved if not rule.used]
-    check_rules_used(
-        "treenn.labels",
-        resolved,
-        unused,
+        raise resolved.unmatched(fn, "trainable array(s) ", few(unmatched), _ADVICE)
+    resolved.check_used(
+        fn,
         names,
         names,
         nothing="no array of the model",
         verb="labelled",
+        exempt=lambda rule: rule is head,
     )
     return Labels(resolved, found, scales)
 
 
 def layer_decay(model: Any, decay: float) -> Labels:
-    """Layer-wise learning-rate decay for the zoo's ViT and ResNet, as timm computes it
-    (`param_groups_layer_decay`, BEiT/MAE fine-tuning): layer 0 is the stem, each block
-    is one layer (`blocks.i` of a ViT; `layer1.0`, `layer1.1`, ... of a ResNet: timm's
-    fine-grained groups), and the head (with the final norm) is the last; a block's
-    learning rate is the base rate times `decay ** (depth - block)` (block 0 being the
-    first), the head's the base rate and the stem's `decay ** (depth + 1)` of it, where
-    `depth` is the number of blocks.
+    """Layer-wise learning-rate decay (BEiT/MAE fine-tuning), as timm computes it
+    (`param_groups_layer_decay` over the model's `group_matcher`): the model names its
+    layers, input to output, and each layer's learning rate is the base rate times
+    `decay ** (n - i)` for the `i`-th of them (the first is 0), where `n` is their
+    number; the arrays in none of them (the head) form layer `n`, at the base rate.
+
+    The model names its layers with a `layer_groups()` method. The zoo's models have one,
+    grouped as timm groups its own: a `treenn.models.VisionTransformer`'s are the
+    embeddings (`patch_embed`, `cls_token`, `pos_embed`), then each block (`blocks.i`),
+    the final `norm` with the last block, so the head alone is at the base rate; a
+    `treenn.models.ResNet`'s are the stem (`conv1`, `bn1`), then each block (`layer1.0`,
+    `layer1.1`, ...: timm's fine-grained groups), `fc` last. A model of your own
+    provides it too:
+
+    ```python
+    class Net(treenn.Module):
+        ...
+
+        def layer_groups(self):
+            # input to output; each a selector or a list of selectors; the rest (the
+            # head) comes after them
+            return [["embed", "pos"], *(f"blocks.{i}" for i in range(len(self.blocks)))]
+    ```
+
+    Each group is one selector (a path glob, a class, a getter) or a `list` of them;
+    an array takes the first group that selects it, and a group that selects no array
+    is an error naming it, as in `treenn.labels`.
 
     **Arguments:**
 
-    - `model`: a `treenn.models.VisionTransformer` or `treenn.models.ResNet`, adapted by
-        `treenn.lora` or not (paths are what count).
+    - `model`: a model with a `layer_groups()` method (the zoo's ViT and ResNet, or
+        yours), adapted by `treenn.lora` or not (paths are what count).
     - `decay`: the factor per layer, in `(0, 1]` (timm's `layer_decay`, e.g. 0.75).
 
-    **Returns:** a `Labels` (labels `"layer_0"` ... `"layer_{depth + 1}"`) whose
-    `scales` maps each label to its factor; `labels.transforms(make)` builds the dict for
-    `optax.multi_transform`. Raises `TypeError` for another model (write the rules for
-    `treenn.labels` yourself).
+    **Returns:** a `Labels` (labels `"layer_0"` ... `"layer_{n}"`) whose `scales` maps
+    each label to its factor; `labels.transforms(make)` builds the dict for
+    `optax.multi_transform`. Raises `TypeError` for a model without `layer_groups()`
+    (add one, or write the rules for `treenn.labels` yourself), or when it does not
+    return a list of groups.
 
     !!! Example
 
@@ -225,31 +226,39 @@ def layer_decay(model: Any, decay: float) -> Labels:
         opt_state = tx.init(treenn.trainable(model))
         ```
     """
-    from .models import ResNet, VisionTransformer
-
     check_model(model, "treenn.layer_decay")
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
         raise ValueError(f"treenn.layer_decay: decay={decay!r} must be in (0, 1]")
-    if isinstance(model, VisionTransformer):
-        stem = ["patch_embed", "cls_token", "pos_embed"]
-        blocks = [f"blocks.{i}" for i in range(len(model.blocks))]
-    elif isinstance(model, ResNet):
-        stem = ["conv1", "bn1"]
-        blocks = [
-            f"{stage}.{i}"
-            for stage in ("layer1", "layer2", "layer3", "layer4")
-            for i in range(len(getattr(model, stage)))
-        ]
-    else:
+    groups = _layer_groups(model)
+    rules: list[tuple[Any, str]] = [
+        (where, f"layer_{i}")
+        for i, group in enumerate(groups)
+        for where in (group if isinstance(group, list) else [group])
+    ]
+    depth = len(groups)
+    rules.append(("**", f"layer_{depth}"))  # the head: what no group selects
+    scales = {f"layer_{i}": float(decay) ** (depth - i) for i in range(depth + 1)}
+    resolved = RuleSet(rules, model)
+    head = resolved.rules[-1]  # a model may have no array outside its groups
+    return _label("treenn.layer_decay", model, resolved, scales, head)
+
+
+def _layer_groups(model: Any) -> list[Any]:
+    method = getattr(model, "layer_groups", None)
+    name = type(model).__qualname__
+    if not callable(method):
         raise TypeError(
-            f"treenn.layer_decay: knows treenn.models.VisionTransformer and ResNet, got "
-            f"{type(model).__qualname__}; give your blocks their labels with treenn.labels "
-            "and scale each group's learning rate yourself"
+            f"treenn.layer_decay: {name} has no layer_groups() method, which names the "
+            "model's layers from input to output (the head, after them, is left out): add "
+            "one, e.g. `def layer_groups(self): return [['embed', 'pos'], 'blocks.0', "
+            "'blocks.1']` (each group a selector or a list of selectors), or label the "
+            "groups with treenn.labels and scale each group's learning rate yourself"
         )
-    depth = len(blocks)
-    rules: dict[Any, str] = {where: "layer_0" for where in stem}
-    rules.update({where: f"layer_{i + 1}" for i, where in enumerate(blocks)})
-    rules["**"] = f"layer_{depth + 1}"
-    scales = {f"layer_{i}": float(decay) ** (depth + 1 - i) for i in range(depth + 2)}
-    resolved: list[_Rule] = [_LabelRule(w, label, model) for w, label in rules.items()]
-    return _label(model, resolved, scales)
+    groups = method()
+    if not isinstance(groups, (list, tuple)) or not groups:
+        raise TypeError(
+            f"treenn.layer_decay: {name}.layer_groups() returned {groups!r}; it must return "
+            "a non-empty list of groups, input to output, each a selector or a list of "
+            "selectors"
+        )
+    return list(groups)

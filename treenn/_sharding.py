@@ -16,102 +16,16 @@ import jax
 from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ._optimizers import placeholder_types
-from ._selectors import Selection, describe, few, select
+from ._optimizers import ModelCopies, holds_optax, placeholder_stop, placeholder_types
+from ._rules import Rule, RuleSet, rule_name
+from ._selectors import few
 from ._status import is_array_leaf, marked_like, unmarked
-from ._tree import (
-    STOP_MODULE,
-    by_type,
-    check_model,
-    dotted,
-    flatten,
-    is_module,
-    no_gc,
-    unflatten,
-)
+from ._tree import STOP_MODULE, check_model, dotted, flatten, is_module, unflatten
 
 T = TypeVar("T")
 Rules: TypeAlias = "PartitionSpec | Mapping[Any, Any] | None"
 
 
-class _Copies:
-    """The copies of a model inside an optimiser state, or a tree holding one: each
-    outermost module, by dotted path (a state's `0.mu` and `0.nu`, the parts of a
-    `(model, opt_state)` pair). Rules apply within each copy as they do to the model.
-    (Other trees keep full paths: in a dict of models, `"a.**"` means the model `a`.)"""
-
-    def __init__(self, tree: Any):
-        self.roots: dict[str, Any] = {}
-        if not is_module(tree) and _holds_optax(tree):
-            paths, leaves, _ = flatten(tree, STOP_MODULE)
-            self.roots = {dotted(p): x for p, x in zip(paths, leaves) if is_module(x)}
-
-    def locate(self, path: str) -> tuple[str | None, str]:
-        """`(root, path within it)`, or `(None, path)` outside every copy."""
-        if self.roots:
-            end = path.find(".")
-            while end != -1:
-                if path[:end] in self.roots:
-                    return path[:end], path[end + 1 :]
-                end = path.find(".", end + 1)
-        return None, path
-
-
-class _Hole:
-    """Stands in for a placeholder while a getter runs on a copy, so that selecting one
-    `None` does not select every `None`."""
-
-    __slots__ = ()
-
-
-class _Rule:
-    """One `where -> spec` rule, resolved against the tree being placed (also the base
-    of `treenn.labels`' rules)."""
-
-    __slots__ = ("where", "spec", "selection", "used")
-
-    def __init__(self, where: Any, spec: PartitionSpec, tree: Any):
-        self.where = where
-        self.spec = spec
-        self.selection: Selection | None = select(where, tree)
-        self.used: list[str] = []
-
-    def covers(self, path: str) -> bool:
-        return self.selection is None or self.selection.covers(path)
-
-    @property
-    def name(self) -> str:
-        return _rule_name(self.where)
-
-
-class _CopiesRule(_Rule):
-    """A rule applied within each copy of the model in a tree that is not a model itself:
-    to paths relative to the copy (a getter runs on each copy), or else to full paths."""
-
-    __slots__ = ("copies", "per_copy")
-
-    def __init__(self, where: Any, spec: PartitionSpec, tree: Any, copies: _Copies):
-        self.copies = copies
-        self.per_copy: dict[str, Selection | None] | None = None
-        if _is_getter(where):  # a getter navigates the model: run it on each copy
-            self.where, self.spec, self.used, self.selection = where, spec, [], None
-            self.per_copy = {root: select(where, _holed(c)) for root, c in copies.roots.items()}
-        else:
-            super().__init__(where, spec, tree)
-
-    def covers(self, path: str) -> bool:
-        root, inner = self.copies.locate(path)
-        if self.per_copy is not None:
-            if root is None:
-                return False
-            selection = self.per_copy[root]
-            return selection is None or selection.covers(inner)
-        if self.selection is None:
-            return True
-        return self.selection.covers(path) or (root is not None and self.selection.covers(inner))
-
-
-@no_gc()
 def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
     """Place every array of a model (or optimiser state, or batch) on a device mesh,
     by sharding rules written in the `where=` language.
@@ -167,20 +81,16 @@ def shard(model: T, mesh: Mesh, rules: Rules = None) -> T:
     if not isinstance(mesh, Mesh):
         raise TypeError(f"shard: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     specs = _rule_specs(rules, mesh)
-    copies = _Copies(model)
-    resolved = [
-        _CopiesRule(where, spec, model, copies) if copies.roots else _Rule(where, spec, model)
-        for where, spec in specs
-    ]
+    resolved = RuleSet(specs, model, ModelCopies(model))
     kinds = placeholder_types()
-    paths, leaves, treedef = flatten(model, by_type(lambda kind: issubclass(kind, kinds)))
+    paths, leaves, treedef = flatten(model, placeholder_stop())
     names = [dotted(p) for p in paths]
     arrays = [i for i, x in enumerate(leaves) if is_array_leaf(x)]
     holes = [names[i] for i, x in enumerate(leaves) if isinstance(x, kinds)]
     chosen = _match([names[i] for i in arrays], holes, resolved, model, isinstance(rules, Mapping))
     values = [unmarked(leaves[i]) for i in arrays]
     _check_fit(model, mesh, [names[i] for i in arrays], values, chosen)
-    shardings = [NamedSharding(mesh, rule.spec) for rule in chosen]
+    shardings = [NamedSharding(mesh, rule.value) for rule in chosen]
     if any(isinstance(v, Tracer) for v in values):
         # Inside a compiled step: a constraint, which (unlike a traced device_put) the
         # partitioner must honour, so outputs keep their placement.
@@ -215,12 +125,8 @@ def _rule_specs(rules: Any, mesh: Mesh) -> list[tuple[Any, PartitionSpec]]:
     return pairs
 
 
-def _rule_name(where: Any) -> str:
-    return "(the whole tree)" if where is None else describe(where)
-
-
 def _check_spec(where: Any, spec: Any, mesh: Mesh) -> None:
-    name = _rule_name(where)
+    name = rule_name(where)
     if not isinstance(spec, PartitionSpec):
         raise TypeError(
             f"shard: rule {name} maps to {spec!r} ({type(spec).__name__}), not a "
@@ -256,17 +162,9 @@ def _axes(entry: Any, name: str, spec: PartitionSpec) -> Sequence[str]:
 # -- matching ---------------------------------------------------------------------------
 
 
-def _first_rule(rules: list[_Rule], path: str) -> _Rule | None:
-    for rule in rules:
-        if rule.covers(path):
-            rule.used.append(path)
-            return rule
-    return None
-
-
 def _match(
-    names: list[str], holes: list[str], rules: list[_Rule], tree: Any, explicit: bool
-) -> list[_Rule]:
+    names: list[str], holes: list[str], rules: RuleSet, tree: Any, explicit: bool
+) -> list[Rule]:
     """The rule placing each array (the first that selects it), checking that every array
     is matched and, for explicit rule sets, that every rule is used.
 
@@ -278,61 +176,33 @@ def _match(
     the model (a typo) still fails. A state that mirrors no model (SGD's `EmptyState`s, a
     hyperparameter alone) cannot tell, and is not checked: `shard(model, ...)` is.
     """
-    chosen = [_first_rule(rules, name) for name in names]
+    chosen = [rules.first(name) for name in names]
     for hole in holes:
-        _first_rule(rules, hole)
+        rules.first(hole)
     unmatched = [n for n, rule in zip(names, chosen) if rule is None]
     if unmatched:
-        raise ValueError(
-            f"shard: no rule matches {few(unmatched)}; rules: "
-            f"{', '.join(r.name for r in rules)}. End the rules with a catch-all such as "
-            '"**": P() to replicate the rest'
+        raise rules.unmatched(
+            "shard",
+            "",
+            few(unmatched),
+            'End the rules with a catch-all such as "**": P() to replicate the rest',
         )
-    unused = [rule for rule in rules if explicit and not rule.used]
-    if unused and _mirrors_no_model(tree):
-        unused = []
-    check_rules_used(
-        "shard",
-        rules,
-        unused,
-        names,
-        names + holes,
-        nothing="no array (nor the place of a frozen array or buffer in an optimiser state)",
-        verb="placed",
-    )
+    if explicit and not all(r.used for r in rules) and not _mirrors_no_model(tree):
+        rules.check_used(
+            "shard",
+            names,
+            names + holes,
+            nothing="no array (nor the place of a frozen array or buffer in an optimiser state)",
+            verb="placed",
+        )
     return [rule for rule in chosen if rule is not None]
-
-
-def check_rules_used(
-    fn: str,
-    rules: list[Any],
-    unused: list[Any],
-    names: list[str],
-    candidates: list[str],
-    *,
-    nothing: str,
-    verb: str,
-) -> None:
-    """Raise for the first of `unused` (rules that chose nothing): it matches nothing
-    among `candidates`, or everything it matches went to an earlier rule. Shared by
-    `shard` and `treenn.labels`, whose rules are first-match-wins alike."""
-    for rule in unused:
-        selected = [n for n in candidates if rule.covers(n)]
-        if not selected:
-            raise ValueError(f"{fn}: rule {rule.name} matches {nothing}; arrays: {few(names)}")
-        earlier = [r.name for r in rules if set(r.used) & set(selected)]
-        raise ValueError(
-            f"{fn}: rule {rule.name} is never used: every array it matches "
-            f"({few(selected, 4)}) is {verb} by an earlier rule ({', '.join(earlier)}); "
-            "put the more specific rule first"
-        )
 
 
 # -- fit ----------------------------------------------------------------------------------
 
 
 def _check_fit(
-    tree: Any, mesh: Mesh, names: list[str], values: list[Any], chosen: list[_Rule]
+    tree: Any, mesh: Mesh, names: list[str], values: list[Any], chosen: list[Rule]
 ) -> None:
     problems = [
         problem
@@ -345,7 +215,7 @@ def _check_fit(
     explicit = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit]
     if explicit and _holds_module(tree):
         for name, rule in zip(names, chosen):
-            used = [a for entry in rule.spec for a in _axes(entry, rule.name, rule.spec)]
+            used = [a for entry in rule.value for a in _axes(entry, rule.name, rule.value)]
             bad = [a for a in used if a in explicit]
             if bad:
                 raise ValueError(
@@ -356,8 +226,8 @@ def _check_fit(
                 )
 
 
-def _misfit(mesh: Mesh, name: str, shape: tuple[int, ...], rule: _Rule) -> str | None:
-    spec = rule.spec
+def _misfit(mesh: Mesh, name: str, shape: tuple[int, ...], rule: Rule) -> str | None:
+    spec = rule.value
     name = repr(name) if name else "the array"
     if len(spec) > len(shape):
         return (
@@ -378,40 +248,10 @@ def _misfit(mesh: Mesh, name: str, shape: tuple[int, ...], rule: _Rule) -> str |
     return None
 
 
-def _is_getter(where: Any) -> bool:
-    return (
-        callable(where)
-        and not isinstance(where, (str, type, tuple))
-        and not isinstance(where, Selection)
-    )
-
-
-def _holed(copy: Any) -> Any:
-    kinds = placeholder_types()
-    return jax.tree.map(
-        lambda x: _Hole() if isinstance(x, kinds) else x,
-        copy,
-        is_leaf=lambda x: isinstance(x, kinds),
-    )
-
-
-def _is_optax_type(kind: type) -> bool:
-    return kind.__module__.partition(".")[0] == "optax"
-
-
-_STOP_OPTAX = by_type(_is_optax_type)
-
-
-def _holds_optax(tree: Any) -> bool:
-    """Whether the tree is, or holds, an optax state."""
-    _, leaves, _ = flatten(tree, _STOP_OPTAX)
-    return any(_is_optax_type(type(x)) for x in leaves)
-
-
 def _mirrors_no_model(tree: Any) -> bool:
     """An optimiser state without a module inside: nothing in it says what the model's
     rules should match (SGD's `EmptyState`s, `inject_hyperparams`' scalars)."""
-    return not _holds_module(tree) and _holds_optax(tree)
+    return not _holds_module(tree) and holds_optax(tree)
 
 
 def _holds_module(tree: Any) -> bool:

@@ -238,6 +238,24 @@ class ResNet(Module):
                 x = block(x)
         return self.fc(jnp.mean(x, axis=(-3, -2)), key=key)
 
+    def layer_groups(self) -> list[str | list[str]]:
+        """The model's layers from input to output, for `treenn.layer_decay`: the stem
+        (`conv1`, `bn1`), then each block (`layer1.0`, `layer1.1`, ...), as timm's
+        `ResNet.group_matcher(coarse=False)`; `fc` (the head) follows them.
+
+        **Returns:** a list of groups, each a path or a list of paths.
+
+        !!! Example
+
+            ```python
+            model = treenn.models.resnet18(10, key=jax.random.key(0))
+            model.layer_groups()[:3]  # [['conv1', 'bn1'], 'layer1.0', 'layer1.1']
+            ```
+        """
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        blocks = [f"layer{s}.{i}" for s, stage in enumerate(stages, 1) for i in range(len(stage))]
+        return [["conv1", "bn1"], *blocks]
+
 
 def resnet18(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> ResNet:
     """ResNet-18 (BasicBlock, 2-2-2-2), with torchvision's parameter names.

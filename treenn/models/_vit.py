@@ -219,6 +219,29 @@ class VisionTransformer(Module):
             tokens = block(tokens, key=k)
         return self.head(self.norm(tokens)[..., 0, :])
 
+    def layer_groups(self) -> list[str | list[str]]:
+        """The model's layers from input to output, for `treenn.layer_decay`: the
+        embeddings (`patch_embed`, `cls_token`, `pos_embed`), then each block
+        (`blocks.i`), the final `norm` with the last block, as timm's
+        `VisionTransformer.group_matcher` puts it; the `head` follows them.
+
+        **Returns:** a list of groups, each a path or a list of paths.
+
+        !!! Example
+
+            ```python
+            model = treenn.models.vit_tiny(10, depth=2, key=jax.random.key(0))
+            model.layer_groups()
+            # [['patch_embed', 'cls_token', 'pos_embed'], 'blocks.0', ['blocks.1', 'norm']]
+            ```
+        """
+        groups: list[list[str]] = [["patch_embed", "cls_token", "pos_embed"]]
+        groups += [[f"blocks.{i}"] for i in range(len(self.blocks))]
+        # timm matches the final norm "with the previous group" (MATCH_PREV_GROUP): the
+        # last block's, or the embeddings' in a model without blocks.
+        groups[-1].append("norm")
+        return [group[0] if len(group) == 1 else group for group in groups]
+
 
 def vit_tiny(num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs: Any) -> VisionTransformer:
     """ViT-Tiny: dim 192, depth 12, 3 heads, with timm's parameter names.
