@@ -186,7 +186,7 @@ def marked_like(leaf: Any, value: Any) -> Any:
     return type(leaf)(value) if type(leaf) in MARK_TYPES else value
 
 
-# -- what user code sees -----------------------------------------------------------
+# -- what a value is: the one table, per type ------------------------------------------
 
 _LEAF, _MARK, _MODULE, _CONTAINER = range(4)
 _KIND: dict[type, int] = Cache(
@@ -208,6 +208,16 @@ def _kind(value: Any) -> int:
             kind = _LEAF if len(found) == 1 and found[0] is value else _CONTAINER
         _KIND[type(value)] = kind
     return kind
+
+
+def holds_nothing(value: Any) -> bool:
+    """Whether a field value can hold no module or container: a pytree leaf (array,
+    scalar, function...), `None` or a mark (which holds one leaf). What lets a walk edit
+    a module field by field instead of flattening it."""
+    kind = _KIND.get(type(value))
+    if kind is None:
+        kind = _kind(value)
+    return kind == _LEAF or kind == _MARK
 
 
 def _stop_at_mark_or_module(x: Any) -> bool:

@@ -20,7 +20,7 @@ import jax.tree_util as jtu
 
 from ._caches import Cache
 from ._module import fit_class, is_foreign_type, replace
-from ._status import MARK_TYPES, MarkKey, Pinned
+from ._status import MARK_TYPES, MarkKey, holds_nothing
 
 KeyPath = tuple[Any, ...]
 Stop = Callable[[Any], bool]
@@ -199,22 +199,6 @@ def static_fields(kind: type) -> tuple[str, ...]:
     return names
 
 
-# Marks and `None` hold nothing to walk into; a pin holds one bool.
-_HOLDS_NOTHING: dict[type, bool] = Cache({kind: True for kind in (*MARK_TYPES, type(None), Pinned)})
-
-
-def holds_nothing(value: Any) -> bool:
-    """Whether `value` can hold no module or container: a pytree leaf (array, scalar,
-    function...), `None` or a status mark (which holds one array). Cached per type."""
-    known = _HOLDS_NOTHING.get(type(value))
-    if known is None:
-        # A type is a leaf type when an instance flattens to itself: JAX registers
-        # pytree nodes by type.
-        found = jtu.tree_leaves(value)
-        known = _HOLDS_NOTHING[type(value)] = len(found) == 1 and found[0] is value
-    return known
-
-
 def inert(module: Any) -> bool:
     """Whether every pytree child of `module` is a leaf (array, scalar, function...),
     `None` or a status mark: it holds no other module or container, so a walk can stop
@@ -225,9 +209,7 @@ def inert(module: Any) -> bool:
     if names is None:
         names = dynamic_fields(type(module))
     for name in names:
-        value = state.get(name)
-        known = _HOLDS_NOTHING.get(type(value))
-        if not (holds_nothing(value) if known is None else known):
+        if not holds_nothing(state.get(name)):
             return False
     return True
 
