@@ -53,6 +53,9 @@ class Edit:
 
     # Whether `leaf` is called for array leaves (concrete, abstract or marked).
     on_leaves = False
+    # Whether `module`/`leaf` always get paths (for errors naming them); otherwise only
+    # a path selector makes the walk compute them.
+    needs_paths = False
 
     @staticmethod
     def target_type(kind: type) -> bool:
@@ -110,7 +113,7 @@ class _Walk:
     def visit(self, node: Any, prefix: KeyPath, covered: bool) -> Any:
         """The inside of `node` (the root, or a module `module` entered), edited."""
         surgery = self.surgery
-        need_paths = self.covers is not None and not covered
+        need_paths = surgery.needs_paths or (self.covers is not None and not covered)
         is_leaf = below(node, self.stop)
         paths: list[KeyPath] | None = None
         if need_paths:
@@ -123,7 +126,7 @@ class _Walk:
             if STOP_MODULE(child) and type(child) not in MARK_TYPES:
                 new = self.module(child, path, covered)
             elif surgery.on_leaves and (type(child) in MARK_TYPES or is_array_like(child)):
-                if not (covered or (need_paths and self.covers(dotted(path)))):  # type: ignore[misc,arg-type]
+                if not (covered or (self.covers is not None and self.covers(dotted(path)))):  # type: ignore[arg-type]
                     continue
                 new = surgery.leaf(path, child)
             else:

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._module import Module, fit_class, fitted_class
-from ._selectors import Where, no_match, select
+from ._edit import Edit, edit
+from ._module import Module, build, fitted_class
+from ._selectors import Where, no_match
 from ._status import Frozen, is_inexact, marked_like, unmarked
-from ._tree import by_type, check_model, dotted, map_stopped, no_gc, state_of
+from ._tree import by_type, check_model, dotted, modules, state_of
 from .nn._attention import MultiheadAttention
 from .nn._conv import Conv1d, Conv2d, Conv3d, _ConvNd
 from .nn._dropout import Dropout
@@ -88,9 +89,7 @@ def _view(cls: type, layer: Any, **changes: Any) -> Any:
     """`layer`'s base fields (not the adapter's) as a `cls` instance, some changed."""
     state = {k: v for k, v in state_of(layer).items() if k not in _ADAPTER_FIELDS}
     state.update(changes)
-    view: Any = object.__new__(cls)
-    object.__setattr__(view, "__dict__", state)
-    return view
+    return build(cls, state)
 
 
 _ADAPTER_FIELDS = frozenset({"lora_A", "lora_B", "lora_dropout", "scaling"})
@@ -275,7 +274,6 @@ ADAPTED: dict[type, type] = {
 BASE: dict[type, type] = {adapted: base for base, adapted in ADAPTED.items()}
 _ADAPTABLE = (Linear, _ConvNd, MultiheadAttention, eqx.nn.Linear, eqx.nn.Conv)
 _STOP_LAYER = by_type(lambda kind: issubclass(kind, _ADAPTABLE))
-_STOP_ADAPTER = by_type(lambda kind: issubclass(kind, _Adapter))
 _KINDS = "layer that takes a LoRA adapter (Linear, Conv1d/2d/3d or MultiheadAttention)"
 
 
@@ -428,12 +426,9 @@ def _adapt(
     state["lora_B"] = jnp.zeros((*stack, out, rank, *(1,) * len(spatial)), dtype)
     state["lora_dropout"] = dropout
     state["scaling"] = scaling
-    new: Any = object.__new__(ADAPTED[base])
-    object.__setattr__(new, "__dict__", state)
-    return new
+    return build(ADAPTED[base], state)
 
 
-@no_gc()
 def lora(
     model: T,
     where: Where,
@@ -528,35 +523,60 @@ def lora(
         raise ValueError(f"treenn.lora: dtype={dtype!r} must be a floating dtype (or None)")
     if not _is_prng_key(key):
         raise TypeError(f"treenn.lora: key={key!r} is not a PRNG key; pass e.g. jax.random.key(0)")
-    selection = select(where, model)
-    edit = adapter_edit(
-        rank=rank,
-        scaling=float(rank if alpha is None else alpha) / rank,
-        dropout=float(dropout),
-        inference=_adapter_mode(model) if dropout else False,
-        dtype=dtype,
-        key=key,
+    surgery = _Adapt(
+        adapter_edit(
+            rank=rank,
+            scaling=float(rank if alpha is None else alpha) / rank,
+            dropout=float(dropout),
+            inference=_adapter_mode(model) if dropout else False,
+            dtype=dtype,
+            key=key,
+        )
     )
-    adapted: list[str] = []
-    candidates: list[str] = []
-
-    def adapt(path: Any, layer: Any) -> Any:
-        name = dotted(path)
-        candidates.append(name)
-        if selection is not None and not selection.covers(name):
-            return layer
-        new = edit(name, layer)
-        adapted.append(name)
-        return new
-
-    out = map_stopped(model, _STOP_LAYER, adapt)
-    if _STOP_LAYER(out):
-        out = adapt((), out)
-    if not adapted:
-        if selection is None:
+    out = edit(model, where, surgery)
+    if not surgery.adapted:
+        if where is None:
             raise ValueError(f"treenn.lora: the model has no {_KINDS}")
+        candidates = [dotted(p) for p, m, _ in modules(model) if m is not None and _STOP_LAYER(m)]
         raise no_match(where, _KINDS, candidates)
     return out
+
+
+class _Adapt(Edit):
+    """`lora`'s surgery: every covered adaptable layer through `adapter_edit`."""
+
+    needs_paths = True  # its errors name the layer
+
+    @staticmethod
+    def target_type(kind: type) -> bool:
+        return issubclass(kind, _ADAPTABLE)
+
+    def __init__(self, edit: Callable[[str, Any], Any]) -> None:
+        self.edit = edit
+        self.adapted = 0
+
+    def module(self, path: Any, layer: Any) -> Any:
+        self.adapted += 1
+        return self.edit(dotted(path), layer)
+
+
+class _Merge(Edit):
+    """`merge_lora`'s surgery: every adapter folded into its layer's weight."""
+
+    @staticmethod
+    def target_type(kind: type) -> bool:
+        return issubclass(kind, _Adapter)
+
+    def __init__(self) -> None:
+        self.merged = 0
+
+    def module(self, path: Any, layer: Any) -> Any:
+        self.merged += 1
+        base = BASE[fitted_class(type(layer), False)]
+        field = layer._merged_field
+        stored = state_of(layer)[field]
+        value = _merged(unmarked(stored), layer._delta_weight())
+        return _view(base, layer, **{field: marked_like(stored, value)})
 
 
 def _is_prng_key(key: Any) -> bool:
@@ -590,7 +610,6 @@ def _adapter_mode(model: Any) -> bool:
     return bool(found) and all(found.values())
 
 
-@no_gc()
 def merge_lora(model: T) -> T:
     """Fold every LoRA adapter into its layer's weight, as PEFT's `merge_and_unload`.
 
@@ -615,20 +634,9 @@ def merge_lora(model: T) -> T:
         ```
     """
     check_model(model, "treenn.merge_lora")
-    merged: list[str] = []
-
-    def merge(path: Any, layer: Any) -> Any:
-        base = BASE[fitted_class(type(layer), False)]
-        field = layer._merged_field
-        stored = state_of(layer)[field]
-        value = _merged(unmarked(stored), layer._delta_weight())
-        merged.append(dotted(path))
-        return fit_class(_view(base, layer, **{field: marked_like(stored, value)}))
-
-    out = map_stopped(model, _STOP_ADAPTER, merge)
-    if _STOP_ADAPTER(out):
-        out = merge((), out)
-    if not merged:
+    surgery = _Merge()
+    out = edit(model, None, surgery)
+    if not surgery.merged:
         raise ValueError("treenn.merge_lora: the model has no LoRA adapter (see treenn.lora)")
     return out
 
