@@ -604,7 +604,7 @@ def _adapter_mode(model: Any) -> bool:
     found, pins = modes(model), pinned(model)
     free = {inference for path, inference in found.items() if not pins[path]}
     if len(free) == 1:
-        return free.pop()
+        return free.pop() is True  # an unknown mode (`jax.eval_shape`): training
     if free:  # mixed: the steps refuse the model anyway
         return False
     return bool(found) and all(found.values())

@@ -26,7 +26,7 @@ def mode_of(module: Any) -> tuple[bool | None, bool]:
     """`(inference, pinned)` of a mode-bearing module. `inference` is `None` when it is
     unknown: `jax.eval_shape` made the bool itself abstract (`eqx.filter_eval_shape`
     keeps it)."""
-    value = state_of(module).get("inference")
+    value: Any = state_of(module).get("inference")
     pinned = type(value) is Pinned
     if pinned:
         value = value.value
@@ -184,7 +184,7 @@ class _SetMode(Edit):
 
     def module(self, path: Any, module: Any) -> Any:
         self.covered += 1
-        value = state_of(module).get("inference")  # a tracer under `jax.jit`: never bool() it
+        value: Any = state_of(module).get("inference")  # a tracer under jax.jit: no bool()
         pinned = type(value) is Pinned
         if self.unpin:
             return replace(module, inference=value.value) if pinned else module

@@ -131,7 +131,7 @@ def _register(cls: type[Mark]) -> None:
     jtu.register_pytree_with_keys(
         cls,
         lambda m: (((key, m.value),), None),
-        lambda _, children: cls(_stopped(children[0])),
+        lambda _, children: cls(_stopped(next(iter(children)))),
         lambda m: ((m.value,), None),
     )
 
