@@ -106,8 +106,8 @@ def test_user_project_with_an_editable_install(tmp_path: Path, mode: str) -> Non
     # write a plain .pth path to the checkout, which mypy reads (its default for this
     # layout is an import hook mypy cannot see). `--config-settings
     # editable_mode=strict`: a tree of links that a .pth puts on sys.path. Installed
-    # from a copy of the package (the install writes build/ beside it), into a venv that sees this environment's
-    # packages (jax, mypy...), offline.
+    # from a copy of the package (the install writes build/ beside it), into a venv
+    # that sees this environment's packages (jax, mypy...), offline.
     pytest.importorskip("setuptools", minversion="68")
     source = tmp_path / "treenn-src"
     source.mkdir()
