@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ._status import Status, status_of
-from ._tree import check_model, leaves, no_gc, unflatten
+from ._tree import check_model, leaves, unflatten
 
 
-@no_gc()
 def filter_spec(model: Any) -> Any:
     """A bool pytree, `True` exactly at the trainable arrays of `model`, for Equinox's
     `eqx.partition(model, spec)` and `eqx.filter(model, spec)`.
