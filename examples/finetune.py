@@ -233,7 +233,7 @@ def main() -> None:
         # The file's own head (1,000 ImageNet classes, say) is not used: strict=False
         # loads every array that fits and reports the rest.
         loaded, report = treenn.load_torch(
-            new_head(build(k_random), k_head), args.weights, strict=False, report=True
+            args.weights, new_head(build(k_random), k_head), strict=False, report=True
         )
         print(
             f"loaded {len(report.loaded)} arrays from {args.weights}; new: {report.missing}; "

@@ -898,3 +898,143 @@ def test_fuzzed_headers_are_checkpoint_errors_naming_the_file(
         bad.write_bytes(damaged)
         with pytest.raises(CheckpointError, match=re.escape(str(bad))):
             treenn.load(bad, like)
+
+
+# -- issue 21: process state, complexity, reserved names, load_trainable ---------------------
+
+
+def test_save_never_changes_the_process_umask(
+    tmp_path: Path, net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 7: `save` read the umask by setting it to 0 for a moment, so a file
+    another thread created then was world-writable. Reading it must not change it."""
+
+    def umask(mask: int) -> int:
+        raise AssertionError(
+            f"treenn.save called os.umask({mask:#o}): every thread's new files get it"
+        )
+
+    old = os.umask(0o027)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "umask", umask)
+            treenn.save(tmp_path / "new.safetensors", net)
+    finally:
+        os.umask(old)
+    # ...and a new file still gets 0666 less the umask of the moment.
+    assert os.stat(tmp_path / "new.safetensors").st_mode & 0o777 == 0o640
+
+
+def test_load_is_linear_in_the_number_of_frozen_arrays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 10: each loaded array looked its path up in the metadata's list of frozen
+    paths, so loading n frozen arrays compared n²/2 names (24,000 tiny frozen arrays
+    loaded in 3x the time of trainable ones). Counted, not timed: the names compared."""
+    import treenn._checkpoints as checkpoints
+
+    compared = 0
+
+    class Name(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            nonlocal compared
+            compared += 1
+            return str.__eq__(self, other)
+
+    read = checkpoints._metadata
+
+    def counting(file: Any) -> Any:
+        meta = read(file)
+        if meta is not None:
+            meta["frozen"] = [Name(n) for n in meta["frozen"]]
+        return meta
+
+    n = 300
+    model = treenn.freeze({f"a{i}": jnp.zeros(1) for i in range(n)})
+    treenn.save(tmp_path / "frozen.safetensors", model)
+    monkeypatch.setattr(checkpoints, "_metadata", counting)
+    loaded = treenn.load(tmp_path / "frozen.safetensors", model)
+    assert set(treenn.statuses(loaded).values()) == {"frozen"}
+    assert compared <= 4 * n, f"{compared} name comparisons for {n} frozen arrays"
+
+
+def test_array_at_the_metadata_path_is_refused(tmp_path: Path, net: Net) -> None:
+    """Defect 14: safetensors keeps the header's metadata under `__metadata__`; an array
+    stored at that path replaced it, `save` succeeded and `load` called the file corrupt.
+    Now `save` refuses it, naming the path, and keeps the previous checkpoint."""
+    path = tmp_path / "model.safetensors"
+    treenn.save(path, net)
+    before = path.read_bytes()
+    for model in (
+        {"__metadata__": jnp.ones(2), "w": jnp.ones(3)},
+        {"__metadata__": treenn.freeze(jnp.ones(2))},
+    ):
+        with pytest.raises(CheckpointError, match=r"'__metadata__'.*reserves that name"):
+            treenn.save(path, model)
+        assert path.read_bytes() == before
+    # The name is reserved as a whole header key only: deeper in a model it is a path
+    # like any other, and round-trips.
+    nested = {"extra": {"__metadata__": jnp.arange(3.0)}, "net": net}
+    treenn.save(path, nested)
+    assert_identical(treenn.load(path, nested), nested)
+
+
+class _Unprintable:
+    """Static configuration whose repr fails (a handle on a closed resource, say)."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+class _Tagged(treenn.Module):
+    lin: nn.Linear
+    head: nn.Linear
+    tag: Any = eqx.field(static=True)
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        return self.head(self.lin(x))
+
+
+def test_load_trainable_compares_structures_not_their_text(tmp_path: Path, key: jax.Array) -> None:
+    """Defect 15: `load_trainable` compared `str()` of two structures: printing one
+    calls every static field's repr (which may fail, or differ between equal
+    structures), and two different classes of one name print alike."""
+    k1, k2 = jax.random.split(key)
+    model = treenn.freeze(
+        _Tagged(nn.Linear(2, 3, key=k1), nn.Linear(3, 2, key=k2), _Unprintable()), "lin"
+    )
+    path = tmp_path / "trainable.safetensors"
+    treenn.save(path, treenn.trainable(model))
+    fresh = treenn.freeze(
+        _Tagged(nn.Linear(2, 3, key=k1), nn.Linear(3, 2, key=k1), model.tag), "lin"
+    )
+    loaded = treenn.load_trainable(path, fresh)
+    assert_identical(loaded, model)
+
+
+def test_load_trainable_names_a_structure_that_differs(
+    tmp_path: Path, key: jax.Array, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the loaded arrays come back in another structure than the model's trainable
+    half, the error names the path, also when the two classes print alike (an Equinox
+    class and its mark-reading subclass share a name): `str()` called them equal and
+    went on."""
+    import treenn._checkpoints as checkpoints
+
+    model = {"body": treenn.freeze(nn.Linear(2, 3, key=key)), "head": nn.Linear(3, 2, key=key)}
+    path = tmp_path / "trainable.safetensors"
+    treenn.save(path, treenn.trainable(model))
+    impostor = type("Linear", (nn.Linear,), {"__module__": nn.Linear.__module__})
+    load = checkpoints.load
+
+    def other_class(path: Any, like: Any) -> Any:
+        out = load(path, like)
+        head = object.__new__(impostor)
+        head.__dict__.update(out["head"].__dict__)
+        return {**out, "head": head}
+
+    monkeypatch.setattr(checkpoints, "load", other_class)
+    with pytest.raises(CheckpointError, match=r"at 'head': two different classes named .*Linear"):
+        treenn.load_trainable(path, model)

@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,8 +120,10 @@ class _DyingFile:
 def _arm(moment: str) -> None:
     """Make the next save die at `moment` (the child is disposable: patch freely)."""
     if moment == "temp-file-made":
-        make = tempfile.mkstemp
-        tempfile.mkstemp = lambda *a, **k: (make(*a, **k), _die())[0]  # type: ignore[assignment]
+        import treenn._safetensors as container
+
+        make = container.temporary_beside
+        container.temporary_beside = lambda target: (make(target), _die())[0]
     elif moment in ("header-written", "half-an-array-written"):
         fdopen = os.fdopen
         os.fdopen = lambda fd, mode: _DyingFile(fdopen(fd, mode), moment)  # type: ignore[assignment]

@@ -1045,7 +1045,7 @@ CASES = [
     # -- PyTorch state dicts -----------------------------------------------------------------
     case(
         "load_torch/state-dict-of-another-model",
-        lambda w: treenn.load_torch(w.net, {"weight": np.ones((2, 2)), "bias": np.ones(2)}),
+        lambda w: treenn.load_torch({"weight": np.ones((2, 2)), "bias": np.ones(2)}, w.net),
         CheckpointError,
         r"load_torch: the state dict does not fit the model.*\n.*missing from the state dict "
         r"\(10\): 'backbone\.layers\.0\.weight'(.|\n)*unexpected, not in the model \(2\): "
@@ -1054,41 +1054,49 @@ CASES = [
     case(
         "load_torch/mis-shaped-array",
         lambda w: treenn.load_torch(
-            w.linear, {"weight": np.ones((3, 2), np.float32), "bias": np.ones(2, np.float32)}
+            {"weight": np.ones((3, 2), np.float32), "bias": np.ones(2, np.float32)}, w.linear
         ),
         CheckpointError,
         r"mis-shaped \(1\): 'weight': state dict float32\[3, 2\], model float32\[2, 2\]",
     ),
     case(
         "load_torch/training-checkpoint-instead-of-state-dict",
-        lambda w: treenn.load_torch(w.linear, {"model": {"weight": np.ones((2, 2))}, "epoch": 3}),
+        lambda w: treenn.load_torch({"model": {"weight": np.ones((2, 2))}, "epoch": 3}, w.linear),
         CheckpointError,
         r"the state dict is not a state dict of arrays: 'model' \(dict\), 'epoch' \(int\); "
         r"a training checkpoint\? pass its 'model' entry",
     ),
     case(
         "load_torch/non-existent-path",
-        lambda w: treenn.load_torch(w.net, w.folder / "resnet.pth"),
+        lambda w: treenn.load_torch(w.folder / "resnet.pth", w.net),
         FileNotFoundError,
         r"load_torch: no file at '.*resnet\.pth'",
     ),
     case(
         "load_torch/truncated-file",
-        lambda w: treenn.load_torch(w.net, w.damaged["truncated"]),
+        lambda w: treenn.load_torch(w.damaged["truncated"], w.net),
         CheckpointError,
         r"'.*truncated\.safetensors' is truncated",
     ),
     case(
         "load_torch/unknown-file-format",
-        lambda w: treenn.load_torch(w.net, w.damaged["npz"]),
+        lambda w: treenn.load_torch(w.damaged["npz"], w.net),
         CheckpointError,
         r"load_torch: cannot tell the format of '.*npz\.npz' from its extension '\.npz'",
     ),
     case(
         "load_torch/arguments-swapped",
-        lambda w: treenn.load_torch(w.ckpt, w.net),  # type: ignore[arg-type]
+        lambda w: treenn.load_torch(w.net, w.ckpt),
         TypeError,
-        PARAM.format("state_dict_or_path"),
+        r"like=PosixPath\('[^']*'\) is a PosixPath, not a model; check the order of the "
+        r"arguments\. treenn\.load_torch takes the file first.*the order changed",
+    ),
+    case(
+        "load_torch/arguments-swapped-state-dict",
+        lambda w: treenn.load_torch(w.net, {"weight": np.ones((2, 2))}),
+        TypeError,
+        r"path is a Net, not a file or a state dict, and like is a dict: arguments swapped\? "
+        r"treenn\.load_torch takes the file first",
     ),
     # -- sharding ------------------------------------------------------------------------------
     case(

@@ -535,12 +535,12 @@ def test_load_torch_base_weights_by_unchanged_paths(key):
     state = {k: np.asarray(v) for k, v in named(vit).items()}
     other = treenn.models.vit_tiny(3, img_size=8, patch_size=4, depth=1, key=jax.random.key(9))
     adapted = treenn.lora(treenn.freeze(other), "**.qkv", rank=2, key=key)
-    loaded, report = treenn.load_torch(adapted, state, strict=False, report=True)
+    loaded, report = treenn.load_torch(state, adapted, strict=False, report=True)
     np.testing.assert_array_equal(loaded.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     assert set(report.missing) == {"blocks.0.attn.qkv.lora_A", "blocks.0.attn.qkv.lora_B"}
     assert statuses(loaded) == statuses(adapted)
     with pytest.raises(treenn.CheckpointError, match="lora_A"):
-        treenn.load_torch(adapted, state)
+        treenn.load_torch(state, adapted)
 
 
 # -- numerics against Hugging Face PEFT -------------------------------------------------

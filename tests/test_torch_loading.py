@@ -69,7 +69,7 @@ def resnets(name: str) -> tuple[torch.nn.Module, Any]:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         reference = ref.randomise(getattr(ref, name)(10)).eval()
-    model = treenn.load_torch(abstract(getattr(models, name), 10), reference.state_dict())
+    model = treenn.load_torch(reference.state_dict(), abstract(getattr(models, name), 10))
     return reference, model
 
 
@@ -183,7 +183,7 @@ def test_vit_logits_match_timm(attention):
     )
     reference = ref.randomise(reference).eval()
     model = abstract(models.vit_tiny, 5, dim=48, num_heads=3, **VIT)
-    model = treenn.load_torch(model, reference.state_dict())
+    model = treenn.load_torch(reference.state_dict(), model)
     x = images(2, 16)
     with torch.no_grad():
         want = reference(x).numpy()
@@ -228,7 +228,7 @@ def net_state() -> dict[str, torch.Tensor]:
 def test_state_dict_of_a_custom_module_loads_and_computes_the_same(net):
     state = net_state()
     assert "backbone.layers.1.num_batches_tracked" in state  # ignored: the model has none
-    model = treenn.load_torch(net, state)
+    model = treenn.load_torch(state, net)
     x = images(2, 5)
     with torch.no_grad():
         want = torch_net()(x).numpy()
@@ -237,7 +237,7 @@ def test_state_dict_of_a_custom_module_loads_and_computes_the_same(net):
 
 def test_loaded_arrays_do_not_share_memory_with_the_tensors(net):
     source = ref.randomise(TorchNet())
-    model = treenn.load_torch(net, source.state_dict())
+    model = treenn.load_torch(source.state_dict(), net)
     before = arrays(model)
     with torch.no_grad():
         for p in source.parameters():
@@ -248,7 +248,7 @@ def test_loaded_arrays_do_not_share_memory_with_the_tensors(net):
 
 def test_frozen_arrays_and_buffers_keep_their_status(net):
     model = nn.eval_mode(treenn.freeze(net, "backbone.**"), "backbone.**", pin=True)
-    loaded = treenn.load_torch(model, net_state())
+    loaded = treenn.load_torch(net_state(), model)
     assert statuses(loaded) == statuses(model)
     assert paths_with(loaded, "frozen") == NET_PARAMS - {"head.weight", "head.bias"}
     assert paths_with(loaded, "buffer") == NET_BUFFERS
@@ -260,7 +260,7 @@ def test_frozen_arrays_and_buffers_keep_their_status(net):
 def test_num_batches_tracked_loads_into_a_cumulative_batchnorm():
     torch_bn = torch.nn.BatchNorm2d(4, momentum=None)
     ref.randomise(torch_bn)
-    bn = treenn.load_torch(nn.BatchNorm(4, momentum=None), torch_bn.state_dict())
+    bn = treenn.load_torch(torch_bn.state_dict(), nn.BatchNorm(4, momentum=None))
     assert int(bn.num_batches_tracked) == 7 and bn.num_batches_tracked.dtype == jnp.int32
     x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(4))
     torch_bn.train()
@@ -282,7 +282,7 @@ def torch_attention() -> torch.nn.MultiheadAttention:
 
 
 def test_torch_multihead_attention_loads_into_treenn_as_it_is(key):
-    mha = treenn.load_torch(nn.MultiheadAttention(8, 2, key=key), torch_attention().state_dict())
+    mha = treenn.load_torch(torch_attention().state_dict(), nn.MultiheadAttention(8, 2, key=key))
     x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want, _ = torch_attention()(x, x, x, need_weights=False)
@@ -299,7 +299,7 @@ def test_fused_in_proj_splits_into_equinox_multihead_attention(key):
         use_output_bias=True,
         key=key,
     )
-    mha = treenn.load_torch(mha, torch_attention().state_dict())
+    mha = treenn.load_torch(torch_attention().state_dict(), mha)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want, _ = torch_attention()(x[None], x[None], x[None], need_weights=False)
@@ -313,19 +313,19 @@ def test_split_projections_need_all_their_parts(key):
     w = state.pop("in_proj_weight")
     state["k_proj_weight"], state["v_proj_weight"] = w[8:16], w[16:]
     with pytest.raises(treenn.CheckpointError) as err:
-        treenn.load_torch(nn.MultiheadAttention(8, 2, key=key), state)
+        treenn.load_torch(state, nn.MultiheadAttention(8, 2, key=key))
     assert "missing from the state dict (1): 'in_proj_weight'" in str(err.value)
     assert "'k_proj_weight', 'v_proj_weight'" in str(err.value)
     # With the query part, the three merge.
     state["q_proj_weight"] = w[:8]
-    mha = treenn.load_torch(nn.MultiheadAttention(8, 2, key=key), state)
+    mha = treenn.load_torch(state, nn.MultiheadAttention(8, 2, key=key))
     np.testing.assert_array_equal(mha.in_proj_weight, w.numpy())
 
 
 def test_equinox_convolution_bias_is_reshaped(key):
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     ref.randomise(conv)
-    layer = treenn.load_torch(eqx.nn.Conv2d(3, 4, 3, padding=1, key=key), conv.state_dict())
+    layer = treenn.load_torch(conv.state_dict(), eqx.nn.Conv2d(3, 4, 3, padding=1, key=key))
     assert layer.bias.shape == (4, 1, 1)
     x = images(1, 5)
     with torch.no_grad():
@@ -344,7 +344,7 @@ def test_files_round_trip(tmp_path, net, suffix):
     else:
         torch.save(net_state(), path)
     for source in (path, str(path)):
-        loaded = treenn.load_torch(net, source)
+        loaded = treenn.load_torch(source, net)
         for name, value in arrays(loaded).items():
             np.testing.assert_array_equal(value, net_state()[name].numpy(), err_msg=name)
 
@@ -354,20 +354,20 @@ def test_safetensors_needs_no_torch_but_pt_files_do(tmp_path, net, monkeypatch):
     safetensors.numpy.save_file({k: v.numpy() for k, v in net_state().items()}, str(st))
     torch.save(net_state(), pt)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
-    loaded = treenn.load_torch(net, st)
+    loaded = treenn.load_torch(st, net)
     np.testing.assert_array_equal(loaded.head.weight, net_state()["head.weight"].numpy())
     with pytest.raises(ImportError, match=r"w\.pt.*needs torch.*treenn\[torch\]"):
-        treenn.load_torch(net, pt)
+        treenn.load_torch(pt, net)
 
 
 def test_bfloat16_tensors_convert_bit_exactly(key):
     linear = torch.nn.Linear(4, 3).to(torch.bfloat16)
     ref.randomise(linear)
-    model = treenn.load_torch(nn.Linear(4, 3, dtype=jnp.bfloat16, key=key), linear.state_dict())
+    model = treenn.load_torch(linear.state_dict(), nn.Linear(4, 3, dtype=jnp.bfloat16, key=key))
     bits = linear.weight.detach().view(torch.int16).numpy()
     np.testing.assert_array_equal(np.asarray(model.weight).view(np.int16), bits)
     # ...and are cast to a float32 model's dtype, as load_state_dict copies.
-    model = treenn.load_torch(nn.Linear(4, 3, key=key), linear.state_dict())
+    model = treenn.load_torch(linear.state_dict(), nn.Linear(4, 3, key=key))
     assert model.weight.dtype == jnp.float32
     np.testing.assert_array_equal(model.weight, linear.weight.detach().float().numpy())
 
@@ -382,7 +382,7 @@ def test_strict_lists_every_missing_unexpected_and_misshaped_key(net):
     state["extra.weight"] = torch.zeros(2)
     state["backbone.layers.0.weight"] = torch.zeros(4, 3, 5, 5)
     with pytest.raises(treenn.CheckpointError) as err:
-        treenn.load_torch(net, state)
+        treenn.load_torch(state, net)
     message = str(err.value)
     assert "missing from the state dict (2): 'backbone.layers.4.bias', 'head.bias'" in message
     assert "unexpected, not in the model (1): 'extra.weight'" in message
@@ -397,12 +397,12 @@ def test_a_dtype_of_another_kind_is_misshaped(net):
     state = net_state()
     state["head.weight"] = torch.zeros(3, 4, dtype=torch.int64)
     with pytest.raises(treenn.CheckpointError, match=r"'head.weight': state dict int64\[3, 4\]"):
-        treenn.load_torch(net, state)
+        treenn.load_torch(state, net)
 
 
 def test_non_strict_keeps_a_new_head_and_reports(key):
     new = Net(key=key, classes=5)
-    model, report = treenn.load_torch(new, net_state(), strict=False, report=True)
+    model, report = treenn.load_torch(net_state(), new, strict=False, report=True)
     assert report.skipped == ["head.weight", "head.bias"]
     assert report.missing == [] and report.unexpected == []
     everything = paths_with(new, "trainable") | paths_with(new, "buffer")
@@ -413,14 +413,14 @@ def test_non_strict_keeps_a_new_head_and_reports(key):
     )
     # strict (the default) refuses the same.
     with pytest.raises(treenn.CheckpointError, match=r"mis-shaped \(2\)"):
-        treenn.load_torch(new, net_state())
+        treenn.load_torch(net_state(), new)
 
 
 def test_non_strict_reports_missing_and_unexpected(net):
     state = net_state()
     del state["head.bias"]
     state["old_head.weight"] = torch.zeros(1)
-    model, report = treenn.load_torch(net, state, strict=False, report=True)
+    model, report = treenn.load_torch(state, net, strict=False, report=True)
     assert report.missing == ["head.bias"] and report.unexpected == ["old_head.weight"]
     np.testing.assert_array_equal(model.head.bias, net.head.bias)
 
@@ -429,20 +429,20 @@ def test_an_abstract_model_must_be_filled_entirely():
     state = {k: v for k, v in net_state().items() if k != "head.bias"}
     model = jax.eval_shape(lambda k: Net(key=k), jax.random.key(0))
     with pytest.raises(treenn.CheckpointError, match=r"abstract .* does not fill 1 .*'head.bias'"):
-        treenn.load_torch(model, state, strict=False)
-    loaded = treenn.load_torch(model, net_state())
+        treenn.load_torch(state, model, strict=False)
+    loaded = treenn.load_torch(net_state(), model)
     assert statuses(loaded) == statuses(Net(key=jax.random.key(0)))
 
 
 def test_nothing_in_common_is_an_error_even_when_not_strict(net):
     with pytest.raises(treenn.CheckpointError, match="no array of the state dict fits"):
-        treenn.load_torch(net, {"other.weight": np.zeros(3, np.float32)}, strict=False)
+        treenn.load_torch({"other.weight": np.zeros(3, np.float32)}, net, strict=False)
 
 
 def test_a_wrapper_prefix_gets_a_hint(net):
     state = {"module." + k: v for k, v in net_state().items()}
     with pytest.raises(treenn.CheckpointError, match=r"starts with 'module\.'"):
-        treenn.load_torch(net, state)
+        treenn.load_torch(state, net)
 
 
 # -- bad inputs ----------------------------------------------------------------------------------
@@ -450,35 +450,35 @@ def test_a_wrapper_prefix_gets_a_hint(net):
 
 def test_missing_file(tmp_path, net):
     with pytest.raises(FileNotFoundError, match=r"no file at .*nothing\.pt"):
-        treenn.load_torch(net, tmp_path / "nothing.pt")
+        treenn.load_torch(tmp_path / "nothing.pt", net)
 
 
 def test_unknown_extension(tmp_path, net):
     path = tmp_path / "weights.npz"
     path.write_bytes(b"data")
     with pytest.raises(treenn.CheckpointError, match=r"extension '\.npz'.*\.pt.*\.safetensors"):
-        treenn.load_torch(net, path)
+        treenn.load_torch(path, net)
 
 
 def test_pt_file_without_a_dict(tmp_path, net):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], path)
     with pytest.raises(treenn.CheckpointError, match=r"list\.pt' holds a list, not a state dict"):
-        treenn.load_torch(net, path)
+        treenn.load_torch(path, net)
 
 
 def test_pt_file_with_a_whole_pickled_model(tmp_path, net):
     path = tmp_path / "model.pt"
     torch.save(TorchNet(), path)
     with pytest.raises(treenn.CheckpointError, match=r"weights_only=True\) failed"):
-        treenn.load_torch(net, path)
+        treenn.load_torch(path, net)
 
 
 def test_corrupt_safetensors_file(tmp_path, net):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"\x01")
     with pytest.raises(treenn.CheckpointError, match="truncated"):
-        treenn.load_torch(net, path)
+        treenn.load_torch(path, net)
 
 
 def test_training_checkpoint_gets_a_hint(net):
@@ -486,22 +486,34 @@ def test_training_checkpoint_gets_a_hint(net):
     with pytest.raises(
         treenn.CheckpointError, match=r"'epoch' \(int\).*pass its 'state_dict' entry"
     ):
-        treenn.load_torch(net, checkpoint)
+        treenn.load_torch(checkpoint, net)
 
 
 def test_neither_a_state_dict_nor_a_path(net):
     pairs = [("head.weight", np.zeros((3, 4), np.float32))]
-    with pytest.raises(TypeError):  # the tests' runtime checker rejects it first...
-        treenn.load_torch(net, pairs)
-    unchecked = inspect.unwrap(treenn.load_torch)  # ...as load_torch does without it
     with pytest.raises(TypeError, match="expected a state dict .* got a list"):
-        unchecked(net, pairs)
+        treenn.load_torch(pairs, net)
+
+
+def test_old_argument_order_says_the_order_changed(tmp_path, net):
+    """API.md §6: every loader takes the file first. `load_torch(model, path)` (the old
+    order) must not be misread: a TypeError says the order changed, whether the file is
+    a path or a state dict."""
+    path = tmp_path / "net.safetensors"
+    treenn.save(path, net)
+    assert treenn.load_torch(path, net) is not None  # the new order loads
+    for source in (path, str(path), net_state()):
+        with pytest.raises(TypeError, match=r"takes the file first.*the order changed"):
+            treenn.load_torch(net, source)
+    # Without the tests' runtime checker too.
+    with pytest.raises(TypeError, match=r"the order changed"):
+        inspect.unwrap(treenn.load_torch)(net, str(path))
 
 
 def test_numpy_and_jax_arrays_load_too(net):
     state = {k: v.numpy() for k, v in net_state().items()}
     state["head.weight"] = jnp.asarray(state["head.weight"])
-    loaded = treenn.load_torch(net, state)
+    loaded = treenn.load_torch(state, net)
     for name, value in arrays(loaded).items():
         np.testing.assert_array_equal(value, np.asarray(state[name]))
 
@@ -517,32 +529,32 @@ def test_strict_rejects_a_weight_with_swapped_size_one_axes(key):
         treenn.CheckpointError,
         match=r"mis-shaped \(2\): 'weight': state dict float32\[8, 1\], model float32\[1, 8\]",
     ):
-        treenn.load_torch(nn.Linear(8, 1, key=key), state)
+        treenn.load_torch(state, nn.Linear(8, 1, key=key))
     # The known layout difference across size-1 axes is still bridged.
     conv = torch.nn.Conv2d(3, 1, 1).state_dict()
-    layer = treenn.load_torch(eqx.nn.Conv2d(3, 1, 1, key=key), conv)
+    layer = treenn.load_torch(conv, eqx.nn.Conv2d(3, 1, 1, key=key))
     np.testing.assert_array_equal(np.asarray(layer.bias).reshape(1), conv["bias"].numpy())
     # ...but only for a bias of the output size.
     with pytest.raises(treenn.CheckpointError, match=r"'bias': state dict float32\[3\]"):
-        treenn.load_torch(eqx.nn.Conv2d(3, 1, 1, key=key), {**conv, "bias": torch.zeros(3)})
+        treenn.load_torch({**conv, "bias": torch.zeros(3)}, eqx.nn.Conv2d(3, 1, 1, key=key))
 
 
 def test_num_batches_tracked_of_a_batchnorm_the_model_lacks_is_unexpected(net):
     extra = {f"extra.{k}": v for k, v in torch.nn.BatchNorm2d(4).state_dict().items()}
     with pytest.raises(treenn.CheckpointError) as err:
-        treenn.load_torch(net, {**net_state(), **extra})
+        treenn.load_torch({**net_state(), **extra}, net)
     assert "unexpected, not in the model (5):" in str(err.value)
     assert "'extra.num_batches_tracked'" in str(err.value)
     # A lone counter (its statistics deleted) is unexpected too.
     lone = {**net_state(), "backbone.layers.7.num_batches_tracked": torch.tensor(3)}
-    _, report = treenn.load_torch(net, lone, strict=False, report=True)
+    _, report = treenn.load_torch(lone, net, strict=False, report=True)
     assert report.unexpected == ["backbone.layers.7.num_batches_tracked"]
 
 
 def test_resnet34_state_dict_into_resnet18_reports_its_batch_counters():
     reference = ref.randomise(ref.resnet34(10))
     model = resnets("resnet18")[1]
-    _, report = treenn.load_torch(model, reference.state_dict(), strict=False, report=True)
+    _, report = treenn.load_torch(reference.state_dict(), model, strict=False, report=True)
     counters = [k for k in report.unexpected if k.endswith("num_batches_tracked")]
     assert len(counters) == 16  # 8 extra blocks, 2 BatchNorms each
     assert "layer1.2.bn1.num_batches_tracked" in counters
@@ -560,7 +572,7 @@ def test_attention_in_float64_keeps_float64_like_torch(key):
         want_plain, _ = torch_mha(x, x, x, need_weights=False)
     with jax.enable_x64(True):
         mha = nn.MultiheadAttention(8, 2, dtype=jnp.float64, key=key)
-        mha = nn.eval_mode(treenn.load_torch(mha, torch_mha.state_dict()))
+        mha = nn.eval_mode(treenn.load_torch(torch_mha.state_dict(), mha))
         xj = jnp.asarray(x.numpy())
         got = mha(xj)  # the path without weights
         got_masked, weights = mha(xj, attn_mask=jnp.asarray(mask.numpy()), need_weights=True)
@@ -591,7 +603,7 @@ def test_resnet34_one_sgd_step_in_float64_matches_torch():
             ),
             model,
         )
-        model = treenn.load_torch(model, reference.state_dict())
+        model = treenn.load_torch(reference.state_dict(), model)
         got_loss, loss, before, got, want = one_sgd_step(reference, model, x, y)
         close(got_loss, loss, tol=1e-12)
         assert_same_step(before, got, want, stats=1e-12, step=1e-9)

@@ -5,12 +5,12 @@ from importlib import metadata as _metadata
 from . import models as models, nn as nn
 from ._caches import clear_caches as clear_caches
 from ._checkpoints import (
-    CheckpointError as CheckpointError,
-    LoadReport as LoadReport,
     load as load,
     load_pretrained as load_pretrained,
+    load_trainable as load_trainable,
     save as save,
 )
+from ._fill import LoadReport as LoadReport
 from ._filter_spec import filter_spec as filter_spec
 from ._freezing import (
     freeze as freeze,
@@ -20,9 +20,10 @@ from ._freezing import (
 from ._inspect import statuses as statuses
 from ._jit import jit as jit
 from ._labels import Labels as Labels, labels as labels, layer_decay as layer_decay
-from ._lora import load_trainable as load_trainable, lora as lora, merge_lora as merge_lora
+from ._lora import lora as lora, merge_lora as merge_lora
 from ._module import Module as Module
 from ._optimizers import migrate_opt_state as migrate_opt_state
+from ._safetensors import CheckpointError as CheckpointError
 from ._selectors import Where as Where
 from ._sharding import shard as shard
 from ._state import apply as apply

@@ -33,18 +33,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ._checkpoints import (
-    CheckpointError,
+from ._fill import (
     LoadReport,
     array_slots,
     check_filled,
     describe,
     fill,
     layout,
-    read_safetensors,
     settle_modes,
 )
-from ._tree import check_model, flatten, no_gc, unflatten
+from ._safetensors import CheckpointError, read_safetensors
+from ._tree import check_model, flatten, unflatten
 
 T = TypeVar("T")
 Source = Mapping[str, Any] | str | os.PathLike[str]
@@ -271,13 +270,34 @@ def _is_conv_bias(got: tuple[int, ...], want: tuple[int, ...], name: str) -> boo
     )
 
 
+_ORDER = (
+    "treenn.load_torch takes the file first, as every loader does: "
+    "load_torch(path_or_state_dict, like) (the order changed from load_torch(model, path))"
+)
+
+
+def _check_order(path: Any, like: Any) -> None:
+    """A clear error for the old argument order, `load_torch(model, path_or_state)`."""
+    try:
+        check_model(like, "treenn.load_torch", "like")
+    except TypeError as err:
+        if isinstance(like, (str, bytes, os.PathLike)):
+            raise TypeError(f"{err}. {_ORDER}") from None
+        raise
+    if not isinstance(path, (Mapping, str, os.PathLike)) and isinstance(like, Mapping):
+        raise TypeError(
+            f"treenn.load_torch: path is a {type(path).__name__}, not a file or a state "
+            f"dict, and like is a {type(like).__name__}: arguments swapped? {_ORDER}"
+        )
+
+
 # -- the public function ------------------------------------------------------------------
 
 
 @overload
 def load_torch(
-    model: T,
-    state_dict_or_path: Source,
+    path: Source,
+    like: T,
     *,
     strict: bool = True,
     report: Literal[False] = False,
@@ -286,18 +306,17 @@ def load_torch(
 
 @overload
 def load_torch(
-    model: T,
-    state_dict_or_path: Source,
+    path: Source,
+    like: T,
     *,
     strict: bool = True,
     report: Literal[True],
 ) -> tuple[T, LoadReport]: ...
 
 
-@no_gc()
 def load_torch(
-    model: T,
-    state_dict_or_path: Source,
+    path: Any,  # a `Source`; `Any` so that the old argument order gets the error below
+    like: T,
     *,
     strict: bool = True,
     report: bool = False,
@@ -307,14 +326,14 @@ def load_torch(
 
     **Arguments:**
 
-    - `model`: the model to fill, e.g. `treenn.models.resnet50(1000, key=key)`. Its
+    - `path`: the file, first as in every loader: a `.pt`/`.pth`/`.bin` file (read
+        with `torch.load(weights_only=True)`: needs torch) or a `.safetensors` file
+        (needs no torch); or a state dict itself (a mapping of names to torch tensors,
+        NumPy or JAX arrays).
+    - `like`: the model to fill, e.g. `treenn.models.resnet50(1000, key=key)`. Its
         frozen status, buffers, modes and pins are kept; only array values change. It
         may be abstract, built by `jax.eval_shape` to skip initialising what the file
         replaces; then every array must be filled.
-    - `state_dict_or_path`: a state dict (a mapping of names to torch tensors, NumPy or
-        JAX arrays), or the path of a `.pt`/`.pth`/`.bin` file (read with
-        `torch.load(weights_only=True)`: needs torch) or a `.safetensors` file (needs no
-        torch).
     - `strict`: every model array must be filled and every state-dict entry used, with
         a fitting shape; otherwise one `CheckpointError` lists every missing,
         unexpected and mis-shaped key. With `strict=False`, what fits is loaded and the
@@ -328,30 +347,32 @@ def load_torch(
     and split attention projections are split or merged, arrays are cast to the model's
     dtype.
 
-    **Returns:** the loaded model, or `(model, report)` with `report=True`.
+    **Returns:** the loaded model, or `(model, report)` with `report=True`. Raises a
+    `TypeError` saying so when the arguments come in the order of treenn 0.x
+    (`load_torch(model, path)`).
 
     !!! Example
 
         ```python
         # state = torchvision.models.resnet50(weights="DEFAULT").state_dict()
-        model = treenn.load_torch(treenn.models.resnet50(1000, key=key), state)
-        model = treenn.load_torch(model, "resnet50.safetensors")
+        model = treenn.load_torch(state, treenn.models.resnet50(1000, key=key))
+        model = treenn.load_torch("resnet50.safetensors", model)
 
         # no initialisation: an abstract model, filled from the file
         vit = jax.eval_shape(lambda k: treenn.models.vit_small(1000, key=k), key)
-        vit = treenn.load_torch(vit, "vit_small.pth")
+        vit = treenn.load_torch("vit_small.pth", vit)
 
         # a new 10-class head: keep it as initialised
-        model, rep = treenn.load_torch(resnet50(10, key=key), state, strict=False, report=True)
+        model, rep = treenn.load_torch(state, resnet50(10, key=key), strict=False, report=True)
         rep.skipped   # ['fc.weight', 'fc.bias']
         ```
     """
-    check_model(model, "treenn.load_torch")
-    arrays, label = _read(state_dict_or_path)
+    _check_order(path, like)
+    arrays, label = _read(path)
     matcher = _Matcher(arrays)
     done = _Outcome()
-    paths, leaves, treedef = flatten(model)
-    names = array_slots(model, paths, leaves)
+    paths, leaves, treedef = flatten(like)
+    names = array_slots(like, paths, leaves)
     new = [
         leaf if name is None else done.fill(name, leaf, matcher)
         for name, leaf in zip(names, leaves)

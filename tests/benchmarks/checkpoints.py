@@ -10,10 +10,14 @@ the call) less the resident size before it, so the allocator's cache from earlie
 cannot hide an allocation. `treenn.save` also fsyncs the file and its folder (a crash
 leaves the old checkpoint or the new one); the baselines do not.
 
-Run: `python tests/benchmarks/checkpoints.py [--size MiB] [--repeats 3] [--tiny]`.
+A second part loads a model of many tiny arrays (`--many`, 24,000 by default), all
+trainable and all frozen, in the same run: the frozen one must not cost more per array
+(loading used to look each path up in the list of frozen paths: quadratic).
+
+Run: `python tests/benchmarks/checkpoints.py [--size MiB] [--many N] [--repeats 3] [--tiny]`.
 Targets: `treenn.save` needs at most the largest array in extra host memory (streamed),
 `treenn.load` at most the model plus the largest array; both within 2x of
-`safetensors.numpy`'s time.
+`safetensors.numpy`'s time; loading N tiny frozen arrays within 1.5x of N trainable ones.
 """
 
 from __future__ import annotations
@@ -132,10 +136,38 @@ def peak_extra(size_mib: int, folder: Path, name: str) -> int:
     return int(json.loads(out.stdout.splitlines()[-1])["extra"])
 
 
+def many_tiny(n: int, repeats: int, verdicts: Verdicts) -> None:
+    """`treenn.load` of `n` tiny arrays, trainable and frozen, interleaved."""
+    model = {f"a{i}": jnp.zeros((2,)) for i in range(n)}
+    frozen = treenn.freeze(model)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TREENN_BENCH_DIR")) as tmp:
+        files = {"trainable": Path(tmp) / "trainable", "frozen": Path(tmp) / "frozen"}
+        treenn.save(files["trainable"], model)
+        treenn.save(files["frozen"], frozen)
+        loads = {
+            f"treenn.load, {n:,} {kind}": (
+                lambda kind=kind, like=like: treenn.load(files[kind], like)
+            )
+            for kind, like in (("trainable", model), ("frozen", frozen))
+        }
+        times = interleaved(loads, repeats)
+    for name, samples in times.items():
+        print(f"{name:36} {median(samples) * 1e3:9.0f} ms  {spread(samples)}")
+    ratio = median(times[f"treenn.load, {n:,} frozen"]) / median(
+        times[f"treenn.load, {n:,} trainable"]
+    )
+    verdicts.check(
+        f"treenn.load of {n:,} tiny frozen arrays <= 1.5x trainable ones",
+        ratio <= 1.5,
+        f"{ratio:.2f}x",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="model size in MiB")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--many", type=int, default=24_000, help="tiny arrays to load")
     parser.add_argument("--tiny", action="store_true", help="smoke run: 16 MiB, 1 round")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -144,7 +176,7 @@ def main() -> None:
         child(args.size, args.folder, args.child)
         return
     if args.tiny:
-        args.size, args.repeats = 16, 1
+        args.size, args.repeats, args.many = 16, 1, 2_000
     header(f"checkpoints: save/load of a {args.size} MiB model ({PARTS} big arrays)")
     verdicts = Verdicts(smoke=args.tiny)
     model = make(args.size)
@@ -198,6 +230,8 @@ def main() -> None:
         f"{load_ratio:.2f}x (np.load: "
         f"{median(times['np.load']) / median(times['safetensors load_file']):.2f}x)",
     )
+    header(f"checkpoints: treenn.load of {args.many:,} tiny arrays, trainable and frozen")
+    many_tiny(args.many, args.repeats, verdicts)
 
 
 if __name__ == "__main__":
