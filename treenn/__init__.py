@@ -17,6 +17,7 @@ from ._freezing import (
     freeze_backbone as freeze_backbone,
     unfreeze as unfreeze,
 )
+from ._hf import load_hf as load_hf, save_hf as save_hf
 from ._inspect import statuses as statuses
 from ._jit import jit as jit
 from ._labels import Labels as Labels, labels as labels, layer_decay as layer_decay

@@ -1,5 +1,15 @@
 """treenn.models: a model zoo with torchvision's and timm's parameter names."""
 
+from ._config import from_config as from_config
+from ._gpt2 import (
+    Conv1D as Conv1D,
+    GPT2LMHeadModel as GPT2LMHeadModel,
+    GPT2Model as GPT2Model,
+)
+from ._llama import (
+    LlamaForCausalLM as LlamaForCausalLM,
+    LlamaModel as LlamaModel,
+)
 from ._resnet import (
     BasicBlock as BasicBlock,
     Bottleneck as Bottleneck,

@@ -1,0 +1,348 @@
+"""Hugging Face transformers checkpoints in and out: `treenn.load_hf`, `treenn.save_hf`.
+
+A `save_pretrained` directory is a `config.json` (the architecture and its sizes) and the
+weights under transformers' state-dict keys: `model.safetensors`, or shards listed by
+`model.safetensors.index.json`, or PyTorch's `pytorch_model.bin` (and its index). The
+models of `treenn.models.from_config` have those keys as their paths, so loading is
+filling: the model is built abstractly (`eqx.filter_eval_shape`, no initialisation), then
+each array is read from its file, one at a time, straight into its place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from ._fill import array_slots, check_filled, fill
+from ._modes import eval_mode
+from ._safetensors import CheckpointError, SafetensorsFile, write_safetensors
+from ._status import unmarked
+from ._tree import dotted, flatten, modules, unflatten
+from .models._config import ARCHITECTURES, architecture, read_config
+
+PathLike = str | os.PathLike[str]
+
+_SAFETENSORS = "model.safetensors"
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_TORCH = "pytorch_model.bin"
+_TORCH_INDEX = "pytorch_model.bin.index.json"
+
+# Keys of older checkpoints that hold no parameter: GPT-2's causal-mask buffers and
+# Llama's rotary frequencies, which transformers also ignores.
+_IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+# The base model's attribute in each head model: checkpoints of a base model load into
+# the head model (and back) by adding or removing it, as transformers does.
+_PREFIXES = {"gpt2": "transformer", "llama": "model", "mistral": "model", "qwen2": "model"}
+_HEAD_KEY = "lm_head.weight"
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+class _Weights:
+    """The arrays of a `save_pretrained` directory, read on demand by key."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}  # key -> file name
+        self.torch: dict[str, Any] | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        names = set(os.listdir(folder))
+        if _SAFETENSORS_INDEX in names:
+            self._index(_SAFETENSORS_INDEX)
+        elif _SAFETENSORS in names:
+            self._open(_SAFETENSORS)
+            self.where = dict.fromkeys(self.files[_SAFETENSORS].entries, _SAFETENSORS)
+        elif _TORCH_INDEX in names or _TORCH in names:
+            self._torch(_TORCH_INDEX if _TORCH_INDEX in names else _TORCH)
+        else:
+            raise FileNotFoundError(
+                f"load_hf: {folder!r} holds no weights: expected {_SAFETENSORS}, "
+                f"{_SAFETENSORS_INDEX}, {_TORCH} or {_TORCH_INDEX}"
+            )
+        for key, name in self.where.items():
+            if name in self.files:
+                self.shapes[key] = self.files[name].entries[key].shape
+
+    def _index(self, index: str) -> dict[str, str]:
+        with open(os.path.join(self.folder, index), encoding="utf-8") as file:
+            content = json.load(file)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"load_hf: {index} in {self.folder!r} has no weight_map")
+        self.where = {str(k): str(v) for k, v in weight_map.items()}
+        if index == _SAFETENSORS_INDEX:
+            for name in sorted(set(self.where.values())):
+                self._open(name)
+                listed = {k for k, v in self.where.items() if v == name}
+                held = set(self.files[name].entries)
+                if listed - held:
+                    raise CheckpointError(
+                        f"load_hf: {index} lists {sorted(listed - held)[:5]} in {name}, "
+                        "which does not hold them"
+                    )
+        return self.where
+
+    def _open(self, name: str) -> None:
+        self.files[name] = SafetensorsFile(os.path.join(self.folder, name))
+
+    def _torch(self, name: str) -> None:
+        from ._torch import _arrays, _torch_load
+
+        parts = sorted(set(self._index(name).values())) if name == _TORCH_INDEX else [name]
+        self.torch = {}
+        for part in parts:
+            path = os.path.join(self.folder, part)
+            self.torch.update(_arrays(_torch_load(path), repr(path)))
+        self.where = dict.fromkeys(self.torch, _TORCH)
+        self.shapes = {k: tuple(v.shape) for k, v in self.torch.items()}
+
+    def read(self, key: str) -> np.ndarray:
+        if self.torch is not None:
+            return self.torch[key]
+        return self.files[self.where[key]].read(key)
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.file.close()
+
+
+def _renamed(keys: list[str], wanted: set[str], prefix: str) -> dict[str, str]:
+    """model path -> file key: as they are, or with the base model's `prefix` added or
+    removed when the file and the model disagree about it (a base model's checkpoint
+    in a head model, or the other way)."""
+    plain = {k: k for k in keys}
+    start = prefix + "."
+    if not any(k.startswith(start) for k in keys) and any(w.startswith(start) for w in wanted):
+        return {start + k: k for k in keys}
+    if any(k.startswith(start) for k in keys) and not any(w.startswith(start) for w in wanted):
+        return {k[len(start) :]: k for k in keys if k.startswith(start)} | {
+            k: k for k in keys if not k.startswith(start)
+        }
+    return plain
+
+
+def load_hf(path: PathLike, *, dtype: Any = None) -> Any:
+    """Load a Hugging Face transformers model directory (what `save_pretrained` writes)
+    into the treenn model its `config.json` names.
+
+    **Arguments:**
+
+    - `path`: the directory: `config.json` and `model.safetensors`, a sharded
+        `model.safetensors.index.json` with its shards, or `pytorch_model.bin` (read
+        with `torch.load(weights_only=True)`: needs torch).
+    - `dtype`: cast every floating array to this dtype. By default each array keeps
+        the file's dtype: a bfloat16 checkpoint loads as bfloat16.
+
+    The model is built abstractly (`eqx.filter_eval_shape` of
+    `treenn.models.from_config`: nothing is initialised) and each array is read from its
+    file straight into its place, one at a time, so the host holds about one copy of the
+    weights. A tied head (`tie_word_embeddings`) stays one array, the input embedding.
+    Loading is strict: a key the model needs and the files lack (missing), a key of the
+    files the model has no place for (unexpected), and a shape that differs
+    (mis-shaped) are each named in one `CheckpointError` (a `ValueError`). Keys that hold
+    no parameter in older checkpoints (GPT-2's `attn.bias`, Llama's
+    `rotary_emb.inv_freq`) are ignored, and a base model's checkpoint loads into its
+    head model's base (and the other way), as in transformers.
+
+    **Returns:** the model, in evaluation mode as transformers' `from_pretrained` gives
+    it (`treenn.train_step` switches modes itself; `nn.train_mode` for your own loop).
+
+    !!! Example
+
+        ```python
+        model = treenn.load_hf("runs/llama")            # a save_pretrained directory
+        logits = model(ids, attention_mask=mask)        # (batch, seq, vocab_size)
+        model = treenn.load_hf("runs/llama", dtype=jnp.bfloat16)
+        ```
+    """
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"load_hf: {folder!r} is not a directory")
+    config = read_config(folder, "load_hf")
+    name = architecture(config, "load_hf")
+    kind, model_type = ARCHITECTURES[name]
+    config.setdefault("model_type", model_type)
+    abstract = eqx.filter_eval_shape(
+        lambda key: kind(config, key=key),
+        jax.random.key(0),
+    )
+    weights = _Weights(folder)
+    try:
+        model = _fill(abstract, weights, config, dtype, folder)
+    finally:
+        weights.close()
+    return eval_mode(model)
+
+
+def _fill(model: Any, weights: _Weights, config: dict[str, Any], dtype: Any, folder: str) -> Any:
+    paths, leaves, treedef = flatten(model)
+    names = array_slots(model, paths, leaves)
+    wanted = {n for n in names if n is not None}
+    prefix = _PREFIXES.get(config["model_type"], "model")
+    file_keys = [k for k in weights.where if not _IGNORED.search(k)]
+    source = _renamed(file_keys, wanted, prefix)
+    tied = _HEAD_KEY not in wanted and _HEAD_KEY in source
+    missing, wrong, new = [], [], []
+    for name, leaf in zip(names, leaves):
+        if name is None:
+            new.append(leaf)
+            continue
+        key = source.get(name)
+        if key is None:
+            missing.append(name)
+            new.append(leaf)
+            continue
+        want = tuple(unmarked(leaf).shape)
+        if weights.shapes[key] != want:
+            wrong.append(f"{name!r}: file {list(weights.shapes[key])}, model {list(want)}")
+            new.append(leaf)
+            continue
+        value = weights.read(key)
+        if dtype is not None and _floating(value):
+            value = value.astype(dtype)
+        new.append(fill(leaf, value))
+    unexpected = sorted(set(source) - wanted - ({_HEAD_KEY} if tied else set()))
+    if missing or unexpected or wrong:
+        lines = [f"load_hf: the weights in {folder!r} do not fit the model the config names:"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): " + ", ".join(map(repr, missing)))
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(map(repr, unexpected)))
+        if wrong:
+            lines.append(f"  mis-shaped ({len(wrong)}): " + "; ".join(wrong))
+        raise CheckpointError("\n".join(lines))
+    check_filled("load_hf", repr(folder), names, new)
+    return unflatten(treedef, new)
+
+
+def _floating(value: np.ndarray) -> bool:
+    # ml_dtypes' bfloat16 is not a NumPy floating subtype: ask JAX.
+    return bool(jax.numpy.issubdtype(value.dtype, jax.numpy.floating))
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _shard_size(size: int | str) -> int:
+    """transformers' sizes: an int of bytes, or "5GB" (10**9) / "5GiB" (2**30)..."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    if match is None:
+        raise ValueError(
+            f"save_hf: max_shard_size={size!r} is not a size (an int of bytes, or '5GB', "
+            "'500MB', '2GiB')"
+        )
+    number, unit = float(match[1]), match[2]
+    power = "BKMGT".index(unit[0]) if unit != "B" else 0
+    base = 1024 if "I" in unit else 1000
+    return int(number * base**power)
+
+
+def _state_dict(model: Any) -> dict[str, Any]:
+    """The model's arrays under their dotted paths (transformers' keys), unmarked."""
+    paths, leaves, _ = flatten(model)
+    names = array_slots(model, paths, leaves)
+    return {n: unmarked(leaf) for n, leaf in zip(names, leaves) if n is not None}
+
+
+def _adapters(model: Any) -> list[str]:
+    from ._lora import _Adapter
+
+    return [dotted(p) for p, m, _ in modules(model) if isinstance(m, _Adapter)]
+
+
+def _shards(arrays: dict[str, Any], limit: int) -> Iterator[dict[str, Any]]:
+    shard: dict[str, Any] = {}
+    size = 0
+    for key, array in arrays.items():
+        nbytes = int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+        if shard and size + nbytes > limit:
+            yield shard
+            shard, size = {}, 0
+        shard[key] = array
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def save_hf(path: PathLike, model: Any, *, max_shard_size: int | str = "5GB") -> None:
+    """Write a treenn transformers model as a Hugging Face `save_pretrained` directory,
+    which transformers' `from_pretrained` loads with no missing or unexpected key.
+
+    **Arguments:**
+
+    - `path`: the directory (created if needed).
+    - `model`: a model of `treenn.models.from_config` or `treenn.load_hf`, fine-tuned or
+        not. A model holding LoRA adapters is a `ValueError` naming them: merge them
+        first (`treenn.merge_lora`).
+    - `max_shard_size`: above this size the weights are split into
+        `model-00001-of-0000N.safetensors` shards listed by `model.safetensors.index.json`,
+        as transformers does; an int of bytes or a string such as `"5GB"` (10^9 bytes)
+        or `"2GiB"` (2^30).
+
+    Writes `config.json` (the config the model was built from, its `dtype` set to the
+    weights') and the weights as safetensors under transformers' keys. A tied head is
+    written once, as the input embedding, as transformers writes it. Frozen arrays are
+    written as any other.
+
+    **Returns:** `None`.
+
+    !!! Example
+
+        ```python
+        treenn.save_hf("runs/tuned", treenn.merge_lora(model))
+        # torch: AutoModelForCausalLM.from_pretrained("runs/tuned")
+        ```
+    """
+    config_text = getattr(model, "hf_config", None)
+    if not isinstance(config_text, str):
+        raise TypeError(
+            f"save_hf: expected a transformers model of treenn.models (from_config or "
+            f"load_hf), got a {type(model).__name__}"
+        )
+    adapted = _adapters(model)
+    if adapted:
+        raise ValueError(
+            f"save_hf: the model holds LoRA adapters at {', '.join(map(repr, adapted))}; "
+            "merge them first (treenn.merge_lora), or write the adapters alone"
+        )
+    limit = _shard_size(max_shard_size)
+    arrays = _state_dict(model)
+    config = json.loads(config_text)
+    floating = [a.dtype for a in arrays.values() if _floating_dtype(a.dtype)]
+    if floating:
+        config["dtype"] = str(np.dtype(max(set(floating), key=floating.count)))
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+    shards = list(_shards(arrays, limit))
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(os.path.join(folder, _SAFETENSORS), shards[0], metadata)
+        return
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(folder, name), shard, metadata)
+        for key, array in shard.items():
+            weight_map[key] = name
+            total += int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with open(os.path.join(folder, _SAFETENSORS_INDEX), "w", encoding="utf-8") as file:
+        json.dump(index, file, indent=2, sort_keys=True)
+
+
+def _floating_dtype(dtype: Any) -> bool:
+    return bool(jax.numpy.issubdtype(dtype, jax.numpy.floating))
