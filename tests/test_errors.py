@@ -891,7 +891,7 @@ CASES = [
         "layer_decay/model-outside-the-zoo",
         lambda w: treenn.layer_decay(w.net, 0.75),
         TypeError,
-        r"treenn\.layer_decay: knows treenn\.models\.VisionTransformer and ResNet, got Net",
+        r"treenn\.layer_decay: Net has no layer_groups\(\) method",
     ),
     case(
         "layer_decay/decay-out-of-range",
