@@ -650,6 +650,16 @@ CASES = [
         _no_key("Dropout", 0.25),
     ),
     case(
+        "train_step/loss-drops-the-model-a-transform-updated",
+        lambda w: treenn.train_step(
+            lambda m, x, k: jnp.mean(eqx.filter_checkpoint(treenn.apply)(m, x, key=k)[0]),
+            optax.adam(1e-3),
+        )(w.net, _opt_state_of(w.net), w.images, w.key),
+        RuntimeError,
+        r"nn\.BatchNorm\(4\) at 'backbone\.layers\.1'.*loss did not return that model.*"
+        r"has_aux=True",
+    ),
+    case(
         "train_step/opt-state-of-other-trainable-set",
         lambda w: treenn.train_step(_xent, optax.adam(1e-3))(
             w.frozen_head, w.opt_state, w.images, w.labels, w.key

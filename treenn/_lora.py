@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -639,49 +638,3 @@ def merge_lora(model: T) -> T:
     if not surgery.merged:
         raise ValueError("treenn.merge_lora: the model has no LoRA adapter (see treenn.lora)")
     return out
-
-
-def load_trainable(path: str | os.PathLike[str], model: T) -> T:
-    """Load a checkpoint of trainable arrays only (`treenn.save(path,
-    treenn.trainable(model))`: LoRA adapters and a head, a few hundred kilobytes) onto
-    `model`, whose other arrays (the frozen base) come from elsewhere.
-
-    It is `treenn.combine(treenn.load(path, treenn.trainable(model)),
-    treenn.partition(model)[1])`: `model` must have the same trainable set as the saved
-    one (adapt it with the same `treenn.lora` call, freeze the same arrays); a
-    difference raises `treenn.load`'s error naming the paths.
-
-    **Arguments:**
-
-    - `path`: the file written by `treenn.save(path, treenn.trainable(model))`.
-    - `model`: the model to load onto, with its base weights already loaded.
-
-    **Returns:** `model` with its trainable arrays from the file.
-
-    !!! Example
-
-        ```python
-        treenn.save("adapters.eqx", treenn.trainable(model))      # kilobytes
-        base = treenn.load_torch(vit, "vit.pth")                     # the frozen base
-        model = treenn.lora(treenn.freeze(base), "**.qkv", rank=8, key=key)
-        model = treenn.load_trainable("adapters.eqx", model)
-        ```
-    """
-    from ._checkpoints import load
-    from ._transforms import combine, partition
-
-    check_model(model, "treenn.load_trainable")
-    params, rest = partition(model)
-    loaded = load(path, params)
-    # Keep only the trainable arrays: `load` may fill a non-array leaf that `params`
-    # leaves out (a mode flag), which `rest` holds already.
-    wanted, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_none)
-    got, got_def = jax.tree_util.tree_flatten(loaded, is_leaf=_is_none)
-    if str(got_def) == str(treedef):
-        kept = [g if w is not None else None for w, g in zip(wanted, got)]
-        loaded = jax.tree_util.tree_unflatten(treedef, kept)
-    return combine(loaded, rest)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None

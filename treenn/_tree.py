@@ -9,7 +9,6 @@ array is one leaf that knows its status) and at whatever else the caller asks fo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
@@ -163,14 +162,6 @@ def replace_fields(module: Any, **changes: Any) -> Any:
     """A copy of an (immutable) module with some fields' stored values changed: see
     `_module.replace` (its class fits the marks it then holds)."""
     return replace(module, **changes)
-
-
-@contextlib.contextmanager
-def no_gc() -> Iterator[None]:
-    """Formerly paused the garbage collector for every thread during surgery; a library
-    never changes process-wide state, so this does nothing now (kept until its last
-    callers are gone)."""
-    yield
 
 
 _DYNAMIC_FIELDS: dict[type, tuple[str, ...]] = Cache()
