@@ -1108,6 +1108,25 @@ CASES = [
         r"path is a Net, not a file or a state dict, and like is a dict: arguments swapped\? "
         r"treenn\.load_torch takes the file first",
     ),
+    # -- treenn.load_hf / save_hf: Hugging Face transformers directories ----------------
+    case(
+        "load_hf/not-a-directory",
+        lambda w: treenn.load_hf(w.folder / "nowhere"),
+        FileNotFoundError,
+        r"load_hf: '.*nowhere' is not a directory",
+    ),
+    case(
+        "load_hf/no-config-json",
+        lambda w: treenn.load_hf(w.folder),
+        FileNotFoundError,
+        r"load_hf: no config file at '.*config\.json'",
+    ),
+    case(
+        "save_hf/not-a-transformers-model",
+        lambda w: treenn.save_hf(w.folder / "hf", w.net),
+        TypeError,
+        r"save_hf: expected a transformers model of treenn\.models.*got a Net",
+    ),
     # -- sharding ------------------------------------------------------------------------------
     case(
         "shard/class-not-instance",

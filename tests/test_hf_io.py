@@ -1,0 +1,190 @@
+"""`treenn.load_hf` and `treenn.save_hf` against transformers: what transformers writes
+loads (single file, shards, PyTorch pickles, bfloat16), what treenn writes
+transformers loads strictly with the same logits, and every mismatch is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import treenn
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_hf_models import batch, reference, relative, run, tiny  # noqa: E402
+
+
+def logits(model: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.asarray(run(model, ids, attention_mask=jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [
+        ("GPT2LMHeadModel", {}),
+        ("GPT2LMHeadModel", {"tie_word_embeddings": False}),
+        ("LlamaForCausalLM", {}),
+        ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+        ("MistralForCausalLM", {"sliding_window": 3}),
+        ("Qwen2ForCausalLM", {}),
+        ("LlamaModel", {}),
+    ],
+)
+def test_save_hf_loads_in_transformers_strictly(
+    arch: str, options: dict[str, Any], tmp_path: Path
+) -> None:
+    source = tiny(arch, **options)
+    source.save_pretrained(tmp_path / "source")
+    model = treenn.load_hf(tmp_path / "source")
+    # Sharded: a limit below the model's size (about 60 kB) gives several shards.
+    treenn.save_hf(tmp_path / "out", model, max_shard_size=20_000)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "model.safetensors.index.json" in files
+    assert len([f for f in files if f.startswith("model-")]) > 1
+    loaded, info = getattr(transformers, arch).from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    ids, mask = batch()
+    ref = reference(source, ids, mask)
+    assert relative(reference(loaded.eval(), ids, mask), ref) < 1e-6
+    # and back: treenn reads its own shards
+    again = treenn.load_hf(tmp_path / "out")
+    assert relative(logits(again, ids, mask), ref) < 1e-5
+
+
+def test_tied_head_written_once_as_transformers_does(tmp_path: Path) -> None:
+    source = tiny("GPT2LMHeadModel")
+    source.save_pretrained(tmp_path / "source")
+    treenn.save_hf(tmp_path / "out", treenn.load_hf(tmp_path / "source"))
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    theirs = load_file(tmp_path / "source" / "model.safetensors")
+    assert set(ours) == set(theirs)
+    assert "lm_head.weight" not in ours
+
+
+def test_config_round_trips(tmp_path: Path) -> None:
+    tiny("Qwen2ForCausalLM").save_pretrained(tmp_path / "source")
+    model = treenn.load_hf(tmp_path / "source")
+    treenn.save_hf(tmp_path / "out", model)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    original = json.loads((tmp_path / "source" / "config.json").read_text())
+    assert written == original
+
+
+def test_loads_transformers_shards(tmp_path: Path) -> None:
+    source = tiny("LlamaForCausalLM")
+    source.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ids, mask = batch()
+    assert (
+        relative(logits(treenn.load_hf(tmp_path), ids, mask), reference(source, ids, mask)) < 1e-5
+    )
+
+
+def test_loads_a_pytorch_pickle(tmp_path: Path) -> None:
+    source = tiny("GPT2LMHeadModel")
+    source.config.architectures = ["GPT2LMHeadModel"]
+    source.config.save_pretrained(tmp_path)
+    torch.save(source.state_dict(), tmp_path / "pytorch_model.bin")
+    ids, mask = batch()
+    model = treenn.load_hf(tmp_path)
+    assert relative(logits(model, ids, mask), reference(source, ids, mask)) < 1e-5
+
+
+def test_bfloat16_stays_bfloat16(tmp_path: Path) -> None:
+    source = tiny("LlamaForCausalLM").to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "source")
+    model = treenn.load_hf(tmp_path / "source")
+    dtypes = {
+        leaf.dtype for leaf in jax.tree_util.tree_leaves(model) if isinstance(leaf, jax.Array)
+    }
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    upcast = treenn.load_hf(tmp_path / "source", dtype=jnp.float32)
+    assert upcast.lm_head.weight.dtype == jnp.float32
+    treenn.save_hf(tmp_path / "out", model)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight, source.lm_head.weight)
+
+
+def _rewrite(folder: Path, change: Any) -> None:
+    arrays = load_file(folder / "model.safetensors")
+    change(arrays)
+    save_file(arrays, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_strict_errors_name_the_keys(tmp_path: Path) -> None:
+    tiny("LlamaForCausalLM").save_pretrained(tmp_path)
+    key = "model.layers.1.mlp.up_proj.weight"
+
+    def edit(arrays: dict[str, np.ndarray]) -> None:
+        arrays["model.extra.weight"] = np.zeros(3, np.float32)
+        arrays["model.norm.weight"] = np.ones(5, np.float32)
+        del arrays[key]
+
+    _rewrite(tmp_path, edit)
+    with pytest.raises(treenn.CheckpointError) as err:
+        treenn.load_hf(tmp_path)
+    text = str(err.value)
+    assert f"missing (1): {key!r}" in text
+    assert "unexpected (1): 'model.extra.weight'" in text
+    assert "'model.norm.weight': file [5], model [32]" in text
+    assert isinstance(err.value, ValueError)
+
+
+def test_base_checkpoint_loads_into_the_head_model(tmp_path: Path) -> None:
+    """transformers' prefix rule: a GPT2Model checkpoint (keys without `transformer.`)
+    fills GPT2LMHeadModel's base; the tied head needs nothing more."""
+    base = tiny("GPT2Model")
+    base.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(
+        json.dumps(config | {"architectures": ["GPT2LMHeadModel"]})
+    )
+    model = treenn.load_hf(tmp_path)
+    assert np.array_equal(
+        np.asarray(model.transformer.wte.weight), base.wte.weight.detach().numpy()
+    )
+
+
+def test_save_hf_refuses_lora_adapters(tmp_path: Path) -> None:
+    tiny("LlamaForCausalLM").save_pretrained(tmp_path / "source")
+    model = treenn.load_hf(tmp_path / "source")
+    adapted = treenn.lora(model, "**.v_proj", rank=2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.v_proj'.*merge"):
+        treenn.save_hf(tmp_path / "out", adapted)
+    assert not (tmp_path / "out").exists()
+    treenn.save_hf(tmp_path / "out", treenn.merge_lora(adapted))
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_save_hf_writes_frozen_arrays(tmp_path: Path) -> None:
+    tiny("GPT2LMHeadModel").save_pretrained(tmp_path / "source")
+    model = treenn.freeze(treenn.load_hf(tmp_path / "source"), "transformer.h.0")
+    treenn.save_hf(tmp_path / "out", model)
+    assert "transformer.h.0.attn.c_attn.weight" in load_file(tmp_path / "out" / "model.safetensors")
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="from_config or load_hf"):
+        treenn.save_hf(tmp_path, treenn.nn.Linear(2, 2, key=jax.random.key(0)))
+    tiny("GPT2Model").save_pretrained(tmp_path / "source")
+    model = treenn.load_hf(tmp_path / "source")
+    with pytest.raises(ValueError, match="max_shard_size='lots'"):
+        treenn.save_hf(tmp_path / "out", model, max_shard_size="lots")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        treenn.load_hf(tmp_path / "nowhere")
+    (tmp_path / "source" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        treenn.load_hf(tmp_path / "source")
