@@ -3,6 +3,9 @@ and those tables stay bounded however many new classes a program meets."""
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -50,7 +53,49 @@ def test_per_type_tables_are_bounded():
 def test_cache_keeps_its_seed_entries():
     cache = _caches.Cache({"seed": 1}, maxsize=3)
     cache["a"], cache["b"] = 2, 3
-    cache["c"] = 4  # full: emptied back to its seed first
-    assert dict(cache) == {"seed": 1, "c": 4}
+    cache["c"] = 4  # full: its least recently used entry goes, never a seed
+    assert dict(cache) == {"seed": 1, "b": 3, "c": 4}
     treenn.clear_caches()
     assert dict(cache) == {"seed": 1}
+
+
+def test_a_full_cache_drops_only_its_least_recently_used_entry():
+    """Regression (issue 21, defect 15): a full cache emptied itself completely, so every
+    entry in use was computed again (for `treenn.jit`, a silent recompile)."""
+    cache = _caches.Cache(maxsize=8)
+    for i in range(8):
+        cache[i] = str(i)
+    for _ in range(3):
+        assert cache.get(0) == "0" and cache.get(1) == "1"  # in use
+    for i in range(8, 20):  # twelve new entries past the bound
+        cache[i] = str(i)
+        assert cache.get(0) == "0" and cache.get(1) == "1"
+    assert len(cache) == 8
+    assert sorted(cache) == [0, 1, 14, 15, 16, 17, 18, 19]  # in use, then the newest
+    assert cache.get(2) is None and cache.get(2, "gone") == "gone"
+
+
+def test_cache_from_several_threads_stays_bounded_and_right():
+    cache = _caches.Cache(maxsize=64)
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        for i in range(2000):
+            key = (t, i % 100)
+            value = cache.get(key)
+            if value is None:
+                cache[key] = value = key
+            if value != key:
+                errors.append(f"{key}: {value}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and len(cache) <= 64

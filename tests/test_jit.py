@@ -1,16 +1,24 @@
 """treenn.jit: arrays traced, everything else static; outputs may hold anything; the
-identity fast path never returns stale results."""
+identity fast path never returns stale results.
+
+Every test runs twice: on the fast paths (`treenn/_jit_fast.py`, the default) and on the
+plain path alone (`treenn/_jit.py`, as with `TREENN_JIT_FAST=0`); the tests of a fast
+path itself (`@fast_only`) run once.
+"""
 
 from __future__ import annotations
 
 import collections
 import gc
 import inspect
+import linecache
+import os
 import re
 import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -21,11 +29,55 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax
 import pytest
 from jaxtyping import TypeCheckError
 
 import treenn
 import treenn.nn as nn
+from treenn import _jit, _jit_fast  # private on purpose: the switch between the two paths
+
+
+def fast_only(test):
+    """Mark a test of a fast path itself: it runs on the fast path only."""
+    test.fast_only = True
+    return test
+
+
+def pytest_generate_tests(metafunc):
+    paths = ["fast"] if getattr(metafunc.function, "fast_only", False) else ["fast", "plain"]
+    metafunc.parametrize("jit_path", paths, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def jit_path(request):
+    """`treenn.jit` functions made in the test take this path."""
+    previous = _jit._set_fast(request.param == "fast")
+    yield request.param
+    _jit._set_fast(previous)
+
+
+def test_each_path_is_what_the_switch_says(jit_path):
+    f = treenn.jit(lambda x: x + 1)
+    assert isinstance(f, _jit_fast.FastJitted) == (jit_path == "fast")
+    np.testing.assert_array_equal(f(jnp.ones(2)), np.full(2, 2.0))
+
+
+@fast_only
+@pytest.mark.slow  # a subprocess
+def test_environment_variable_switches_the_fast_paths_off():
+    code = (
+        "import jax.numpy as jnp, treenn\n"
+        "from treenn._jit_fast import FastJitted\n"
+        "f = treenn.jit(lambda x: x * 2)\n"
+        "print(type(f).__name__, float(f(jnp.ones(()))))\n"
+    )
+    for value, expected in (("0", "Jitted 2.0"), ("1", "FastJitted 2.0")):
+        env = {**os.environ, "TREENN_JIT_FAST": value}
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert result.stdout.strip() == expected, result.stderr
 
 
 def traced(fn, log):
@@ -567,6 +619,7 @@ def test_no_reference_to_inputs_or_outputs_after_the_call(key, x):
     assert [r for r in refs if r() is not None and r() is not x] == []
 
 
+@fast_only
 def test_remembered_trees_are_forgotten_with_them(lin, x):
     """The previous call's trees are recognised by identity without being kept alive:
     an optimiser-state-like tuple (not weakly referable) included."""
@@ -624,6 +677,7 @@ class _LookupOnly(dict):  # type: ignore[type-arg]
     __iter__ = keys = values = items = _iterated  # type: ignore[assignment]
 
 
+@fast_only
 def test_the_shared_memo_is_only_looked_up(lin):
     """Regression: `_prepare` took the shared memo as an argument, and the suite's runtime
     type checker iterated it while other threads (and weakref callbacks) changed it:
@@ -675,20 +729,19 @@ def test_thread_safe_when_the_output_structure_depends_on_the_shape():
     assert errors == []
 
 
-class _Scaled(eqx.Module):
-    lin: nn.Linear
-    scale: float = 2.0
-
-    @treenn.jit
-    def __call__(self, x):
-        return self.lin(x) * self.scale
-
-    @treenn.jit(donate="all-except-first")
-    def shifted(self, x, shift):
-        return self.lin(x) + shift
-
-
 def test_decorated_methods_bind_self(lin, x):
+    class _Scaled(eqx.Module):  # made here: on the path this test runs
+        lin: nn.Linear
+        scale: float = 2.0
+
+        @treenn.jit
+        def __call__(self, x):
+            return self.lin(x) * self.scale
+
+        @treenn.jit(donate="all-except-first")
+        def shifted(self, x, shift):
+            return self.lin(x) + shift
+
     net = _Scaled(lin)
     np.testing.assert_allclose(net(x), lin(x) * 2.0, rtol=1e-6)
     other = _Scaled(_bump(lin), scale=3.0)  # arrays traced, the float static
@@ -790,12 +843,148 @@ def test_clear_caches_drops_compiled_functions(x):
 
 
 def test_trace_cache_is_bounded(monkeypatch, x):
-    monkeypatch.setattr(treenn._jit, "_MAX_TRACES", 3)
+    monkeypatch.setattr(_jit, "_MAX_TRACES", 3)
     f = treenn.jit(lambda x, n: x * n)
     for n in range(1, 8):
         np.testing.assert_allclose(f(x, n), x * n)
     assert len(f._cache) == 3
     np.testing.assert_allclose(f(x, 1), x)  # evicted: traced again, still right
+
+
+def test_a_full_trace_cache_drops_the_least_recently_used_trace(monkeypatch, x):
+    """Regression (issue 21, defect 15): a full trace cache dropped its oldest trace even
+    when that was the one in use, so a hot step recompiled whenever new structures came."""
+    monkeypatch.setattr(_jit, "_MAX_TRACES", 3)
+    log: list[int] = []
+    f = treenn.jit(traced(lambda x, n: x * n, log))
+    for n in range(1, 10):
+        np.testing.assert_allclose(f(x, 0), np.zeros_like(x))  # the step in use
+        np.testing.assert_allclose(f(x, n), x * n)  # a new structure each time
+    assert len(log) == 10  # one trace each: the one in use was never traced again
+
+
+@fast_only
+def test_many_structures_do_not_recompile_the_one_in_use(monkeypatch, x):
+    """Regression (issue 21, defect 15): past `_MAX_STRUCTURES` interned structures the
+    table was emptied, and the structure in use, interned anew, missed its trace: a
+    silent recompile every `_MAX_STRUCTURES` new structures."""
+    monkeypatch.setattr(_jit_fast, "_MAX_STRUCTURES", 4)
+    log: list[int] = []
+    f = treenn.jit(traced(lambda x, tag: x * 2, log))
+    for n in range(12):
+        f(x, "in use")
+        f(x, f"new {n}")  # a static string: a new structure
+    assert len(f._structures) <= 4
+    assert len(log) == 13  # "in use" traced once, each new one once
+
+
+@fast_only
+@pytest.mark.parametrize("recipe", ["frozen BatchNorm", "freeze_backbone"])
+def test_pinned_models_are_recognised_next_call(key, recipe):
+    """Regression (issue 21, defect 9): the memo took `Pinned`, the mark around a pinned
+    module's `inference` bool, for a node that may change in place, so a pinned model
+    (frozen BatchNorm, `freeze_backbone`) was flattened again on every call: 3-4x the
+    dispatch time of a ResNet-18 step. A pin is structure, like the bool it holds."""
+    k1, k2 = jax.random.split(key)
+    model = nn.Sequential(
+        nn.Linear(3, 4, key=k1), nn.BatchNorm(4), nn.Dropout(0.5), nn.Linear(4, 2, key=k2)
+    )
+    if recipe == "frozen BatchNorm":
+        model = nn.eval_mode(model, nn.BatchNorm, pin=True)
+    else:
+        model = treenn.freeze_backbone(model, "layers.3")
+    pins = nn.pinned(model)
+    assert pins  # the recipe pinned something
+    tx = optax.sgd(0.1)
+    step = treenn.train_step(lambda m, x, y, key: jnp.mean((m(x, key=key) - y) ** 2), tx)
+    opt_state = tx.init(treenn.trainable(model))
+    xs, ys = jnp.ones((8, 3)), jnp.zeros((8, 2))
+    for i in range(3):
+        model, opt_state, loss = step(model, opt_state, xs, ys, jax.random.fold_in(key, i))
+        assert id(model) in step._memo, "the returned model is not recognised next call"
+    assert nn.pinned(model) == pins and np.isfinite(float(loss))
+
+
+@fast_only
+def test_unchanged_subtrees_are_the_inputs_own(key, x):
+    """A frozen layer that a step passes through comes back as the input's own (immutable)
+    layer, not a copy built anew each call; the rest is built as usual."""
+    k1, k2 = jax.random.split(key)
+    model = treenn.freeze(
+        nn.Sequential(nn.Linear(3, 4, key=k1), nn.Linear(4, 2, key=k2)), "layers.0"
+    )
+
+    def step(model, x):
+        grads = treenn.grad(lambda m, x: jnp.sum(m(x) ** 2))(model, x)
+        return treenn.apply_updates(model, jax.tree.map(lambda g: -0.1 * g, grads))
+
+    jitted = treenn.jit(step)
+    out = jitted(model, x)
+    layers, before = out.__dict__["layers"], model.__dict__["layers"]
+    assert layers[0] is before[0] and layers[1] is not before[1]
+    assert treenn.statuses(out) == treenn.statuses(model)
+    np.testing.assert_allclose(layers[1].weight, step(model, x).layers[1].weight, rtol=1e-6)
+    assert jitted(out, x).__dict__["layers"][0] is before[0]  # and so on, every step
+
+
+@fast_only
+def test_an_input_holding_numpy_arrays_is_not_shared():
+    # As from `jax.jit`, what comes back holds JAX arrays, never the caller's NumPy ones.
+    f = treenn.jit(lambda w, s: (w, s * 2))
+    host = _Wrap(np.ones(2, np.float32))
+    for _ in range(2):
+        out, _ = f(host, jnp.float32(1.0))
+        assert out is not host and isinstance(out.inner, jax.Array)
+    device = _Wrap(jnp.ones(2))
+    assert f(device, jnp.float32(1.0))[0] is device
+
+
+@fast_only
+def test_generated_code_keeps_its_source(lin):
+    """Generated builders and tuple guards show their source to debuggers (inspect,
+    tracebacks, pdb), as Equinox's generated flatten functions do."""
+    f = treenn.jit(lambda m, s: (_bump(m), (s[0] + 1, s[1])))  # s[1]: shared
+    f(lin, (jnp.zeros(()), lin))
+    generated = [
+        x
+        for x in gc.get_objects()
+        if isinstance(x, types.FunctionType)
+        and x.__code__.co_filename.startswith("<treenn generated ")
+    ]
+    kinds = {
+        fn.__code__.co_filename.rsplit(" ", 1)[0][len("<treenn generated ") :] for fn in generated
+    }
+    assert {"build", "shared build", "tuple guard", "tuple check"} <= kinds
+    for fn in generated:
+        filename = fn.__code__.co_filename
+        assert "".join(linecache.getlines(filename)) == fn.__source__
+        assert inspect.getsource(fn) == fn.__source__
+
+
+@fast_only
+@pytest.mark.parametrize("mechanism", ["memo", "tuple_guards", "builders", "shared_subtrees"])
+def test_each_fast_path_switched_off_gives_the_same_training_run(key, x, mechanism):
+    def run(**mechanisms):
+        previous = _jit_fast._set_mechanisms(**mechanisms)
+        try:
+            step = treenn.jit(step_fn)
+        finally:
+            _jit_fast._set_mechanisms(**previous)
+        model, state = start, (jnp.zeros(()), start)
+        for _ in range(3):
+            model, state, total = step(model, state)
+        return model, state, total
+
+    def step_fn(m, s):
+        return _bump(m), (s[0] + 1, _bump(s[1])), jnp.sum(m.weight)
+
+    start = treenn.freeze(nn.Linear(3, 2, key=key), "bias")
+    got, want = run(**{mechanism: False}), run()
+    assert jtu.tree_structure(got) == jtu.tree_structure(want)
+    for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="no fast path 'memos'"):
+        _jit_fast._set_mechanisms(memos=False)
 
 
 def test_unhashable_static_leaf_error_names_its_path(x):

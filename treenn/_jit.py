@@ -1,4 +1,9 @@
-"""`treenn.jit`: `eqx.filter_jit`'s semantics with little Python work per call.
+"""`treenn.jit`: `eqx.filter_jit`'s semantics, with little Python work per call.
+
+This file is what a call *means*, read on its own. `_jit_fast.py` makes the same calls
+cheaper (a memo of the previous call's trees, generated code); it changes no result, and
+`TREENN_JIT_FAST=0` in the environment (read at import) switches it off, leaving this path
+alone. The jit tests run both ways.
 
 Every array leaf of the arguments is traced; every other leaf (Python bools such as
 `inference`, ints, strings, functions) is static: part of the compilation key, compared
@@ -6,22 +11,23 @@ by type and value as `jax.jit` compares static arguments. Per call:
 
 1. keyword arguments are bound to the signature, so `f(a, y=b)` and `f(a, b)` are one
    call;
-2. each argument is flattened with JAX's C++ flatten into its arrays and an interned
-   *structure* (tree structure and static leaves), and one `jax.jit` over the lists of
-   arrays is cached per tuple of structures. An argument this function returned (or
-   received) on its previous call, the model and optimiser state of a training loop, is
-   recognised by identity and not flattened again. The recognition holds only weak
-   references to the tree's Equinox modules (a tuple, such as an optimiser state, is
-   recognised by its items), holds arrays only inside those modules, and is dropped when
-   one of them dies: it never keeps anything alive;
+2. each argument is flattened with JAX's C++ flatten into its list of arrays and its
+   `Structure` (tree structure and static leaves); one `jax.jit` over the lists of
+   arrays is kept per tuple of structures (the *key*), the least recently used dropped
+   beyond `_MAX_TRACES`;
 3. the compiled function returns its computed arrays together with a description of its
-   output as static pytree data, so JAX's own cache hands every call the description of
-   the very trace it ran (shapes, dtypes, weak types, shardings: whatever `jax.jit`
-   keys on), and no call or thread can see another's. Outputs are rebuilt by code
-   generated once per structure (`_fastbuild`), after the computation was dispatched;
+   output (`_Out`) as static pytree data, so JAX's own cache hands every call the
+   description of the very trace it ran (shapes, dtypes, weak types, shardings: whatever
+   `jax.jit` keys on), and no call or thread can see another's;
 4. an output array that is an input array unchanged (a frozen weight) is not an output of
    the computation: the input array itself is put back in its place, saving the copy
-   `jax.jit` would make of it every call.
+   `jax.jit` would make of it every call. Donated arguments are never passed through,
+   and an array both donated and used elsewhere in the call is an error.
+
+Nothing of a call is kept once it returns: this path holds no input or output at all, and
+the fast path's memo only weak references (`_jit_fast.py`). The only shared state is the
+trace cache, whose single lookups and insertions are atomic; so is calling from several
+threads.
 """
 
 from __future__ import annotations
@@ -29,21 +35,17 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-import threading
-import types
+import os
 import warnings
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
-import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._caches import register
-from ._fastbuild import builder
-from ._status import MARK_TYPES, is_array
+from ._caches import Cache
+from ._status import is_array
 
 _P = ParamSpec("_P")
 _Q = ParamSpec("_Q")
@@ -60,186 +62,63 @@ _DONATE: dict[str, tuple[bool, bool, bool]] = {
     "warn": (True, False, False),
     "warn-except-first": (True, True, False),
 }
-_MAX_TRACES = 256  # compiled structures kept per function; the oldest dropped beyond
-_MAX_STRUCTURES = 4096  # interned argument structures per function; all dropped beyond
+_MAX_TRACES = 256  # compiled structures kept per function, least recently used dropped
 _HOST = (np.ndarray, np.generic)
 
+# Whether `treenn.jit` functions made from now on take the fast paths of `_jit_fast.py`.
+_FAST = os.environ.get("TREENN_JIT_FAST", "1") != "0"
 
-class _Structure:
-    """One argument's tree structure and static leaves (`None` where an array goes).
-    Interned per function, so that it is its own, identity-hashed, cache key."""
 
-    __slots__ = ("treedef", "statics", "plan", "guard", "collect", "_fast")
+def _set_fast(on: bool) -> bool:
+    """Switch the fast paths for `treenn.jit` functions made afterwards (tests and
+    benchmarks); returns the previous setting."""
+    global _FAST
+    previous, _FAST = _FAST, bool(on)
+    return previous
+
+
+class Structure:
+    """One argument's tree structure and static leaves (`None` where an array goes): an
+    entry of the compilation key. Compared by value, and static leaves by type too, as
+    `jax.jit` compares static arguments (`1`, `1.0` and `True` are three keys).
+
+    Raises `TypeError` when a static leaf is unhashable."""
+
+    __slots__ = ("treedef", "statics", "_key", "_hash")
 
     def __init__(self, treedef: Any, statics: tuple[Any, ...]):
         self.treedef = treedef
         self.statics = statics
-        # How to recognise a tree of this structure next call (`None`: flatten it).
-        plan = _plan(treedef, statics) if _immutable(treedef) else None
-        self.plan = None if plan is _ITEM or plan is _NONE else plan
-        # A tuple (an optimiser state) is recognised by code generated for its plan.
-        code: tuple[Any, Any] = _tuple_code(plan) if type(plan) is tuple else (None, None)
-        self.guard, self.collect = code
-        self._fast: Callable[[Any], Any] | None = None
+        self._key = (treedef, statics, tuple(map(type, statics)))
+        self._hash = hash(self._key)
 
-    def build_fast(self, arrays: Sequence[Any]) -> Any:
-        """`build`, through code generated once for this structure (per-call outputs)."""
-        fast: Callable[[Any], Any] | None = self._fast
-        if fast is None:
-            try:
-                fast = builder(self.treedef, self.statics, None)
-            except RecursionError:  # a very deep model: JAX rebuilds it
-                fast = self.build
-            self._fast = fast
-        return fast(arrays)
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, Structure) and self._hash == other._hash and self._key == other._key
+        )
 
     def build(self, arrays: Sequence[Any]) -> Any:
+        """The tree, its array places filled from `arrays` in order."""
         it = iter(arrays)
         return self.treedef.unflatten([next(it) if s is None else s for s in self.statics])
 
 
-_ARRAY: Any = object()  # the structure of a bare array argument
-_NOTHING: Mapping[int, Any] = types.MappingProxyType({})  # no tree remembered
+class _Template:
+    """An output part that is not a key entry (its static leaves may be unhashable)."""
+
+    __slots__ = ("treedef", "statics")
+
+    def __init__(self, treedef: Any, statics: tuple[Any, ...]):
+        self.treedef = treedef
+        self.statics = statics
+
+    build = Structure.build
 
 
-def _immutable(treedef: Any) -> bool:
-    """Whether every node of `treedef` is of a type that cannot change in place (a list,
-    a dict or a user's own pytree class might: those are flattened every call)."""
-    stack = [treedef]
-    while stack:
-        node = stack.pop()
-        data = node.node_data()
-        if data is not None:
-            kind = data[0]
-            if not (
-                issubclass(kind, (tuple, eqx.Module, jtu.Partial))
-                or kind is type(None)
-                or kind in MARK_TYPES
-            ):
-                return False
-        stack.extend(node.children())
-    return True
-
-
-# How a remembered tree is recognised (its *plan*, from its structure): `_ITEM` an array
-# leaf (any array fits: arrays are leaves), `_NONE` None, an int n a weakly referable node
-# (an Equinox module) with n arrays, `(type, items, sizes)` a tuple (immutable, not weakly
-# referable: it is its items), `None` not recognisable.
-_ITEM: Any = object()
-_NONE: Any = object()
-
-
-def _plan(treedef: Any, statics: tuple[Any, ...], depth: int = 0) -> Any:
-    data = treedef.node_data()
-    if data is None:
-        return _ITEM if statics[0] is None else None
-    kind = data[0]
-    if kind is type(None):
-        return _NONE
-    if issubclass(kind, tuple) and depth < 8:
-        items, sizes, start = [], [], 0
-        for child in treedef.children():
-            part = statics[start : start + child.num_leaves]
-            item = _plan(child, part, depth + 1)
-            if item is None:
-                return None
-            items.append(item)
-            sizes.append(sum(1 for s in part if s is None))
-            start += child.num_leaves
-        return (kind, tuple(items), tuple(sizes))
-    if kind.__weakrefoffset__:
-        return sum(1 for s in statics if s is None)
-    return None
-
-
-class _Weak:
-    """A weakly referenced node of a remembered tree, and its arrays. The arrays are the
-    node's own: holding them while the node lives keeps nothing alive longer."""
-
-    __slots__ = ("ref", "arrays")
-
-    def __init__(self, ref: Any, arrays: Sequence[Any]):
-        self.ref = ref
-        self.arrays = arrays
-
-
-def _tuple_code(plan: Any) -> tuple[Callable[..., Any], Callable[..., bool]]:
-    """For a tuple plan, straight-line code (a call per item would be a measurable share
-    of a call): `guard(x, arrays, forget)`, the `_Weak` records of `x`'s weakly
-    referable nodes, and `collect(x, guards, out)`, whether `x` is still the tree they
-    were made for (same tuple types and lengths, the same nodes, arrays where arrays
-    were), its arrays appended to `out`."""
-    consts: dict[str, Any] = {"_Weak": _Weak, "_ref": weakref.ref, "_is_array": is_array}
-    access: list[str] = []  # `guard`'s lines
-    check: list[str] = []  # `collect`'s lines
-    weak: list[str] = []
-
-    def walk(plan: Any, var: str, start: int) -> None:
-        kind, items, sizes = plan
-        consts[f"_k{len(consts)}"] = kind
-        check.append(
-            f"    if type({var}) is not _k{len(consts) - 1} or len({var}) != {len(items)}:"
-        )
-        check.append("        return False")
-        for index, (item, size) in enumerate(zip(items, sizes)):
-            name = f"x{len(access)}"
-            access.append(f"    {name} = {var}[{index}]")
-            check.append(f"    {name} = {var}[{index}]")
-            if type(item) is int:
-                check.append(f"    w = g[{len(weak)}]")
-                check.append(f"    if w.ref() is not {name}:")
-                check.append("        return False")
-                check.append("    out.extend(w.arrays)")
-                weak.append(f"_Weak(_ref({name}, forget), a[{start}:{start + size}])")
-            elif item is _ITEM:
-                check.append(f"    if not _is_array({name}):")
-                check.append("        return False")
-                check.append(f"    out.append({name})")
-            elif item is _NONE:
-                check.append(f"    if {name} is not None:")
-                check.append("        return False")
-            else:
-                walk(item, name, start)
-            start += size
-
-    walk(plan, "x", 0)
-    source = (
-        "def guard(x, a, forget):\n"
-        + "".join(line + "\n" for line in access)
-        + f"    return ({''.join(w + ', ' for w in weak)})\n"
-        + "def collect(x, g, out):\n"
-        + "".join(line + "\n" for line in check)
-        + "    return True\n"
-    )
-    namespace = dict(consts)
-    exec(compile(source, "<treenn guard>", "exec"), namespace)
-    return namespace["guard"], namespace["collect"]
-
-
-class _Known:
-    """A tree this function received or returned, recognised by identity next call.
-    It holds arrays only inside its weakly referenced nodes, and is dropped as soon as
-    one of them dies."""
-
-    __slots__ = ("guard", "structure", "token")
-
-    def __init__(self, guard: Any, structure: _Structure, token: object):
-        self.guard = guard
-        self.structure = structure
-        self.token = token
-
-
-def _still(known: _Known, x: Any, out: list[Any]) -> bool:
-    """Whether `x` is the remembered tree; its arrays are appended to `out`."""
-    guard = known.guard
-    if type(guard) is _Weak:
-        if guard.ref() is not x:
-            return False
-        out.extend(guard.arrays)
-        return True
-    collect = known.structure.collect
-    assert collect is not None
-    return bool(collect(x, guard, out))
+_ARRAY: Any = object()  # the key entry of a bare array argument
 
 
 class _Out:
@@ -255,15 +134,18 @@ class _Out:
         # `((input list, index in it), ...)`.
         self.forwarded = forwarded
         # Per top-level element (the output itself unless it is a tuple), one of
-        # `(pool index, None, None)`: an array; `(get, structure, None)`: a tree rebuilt by
-        # `structure` from `get(pool)` and remembered; `(get, treedef, template)`: any
-        # other tree, unflattened from `template` (its leaves, `None` where an array goes).
+        # `(pool index, None)`: a bare array; `(get, how)`: a tree, `how.build(get(pool))`
+        # (`how` a `Structure`, or a `_Template` where a static leaf is unhashable).
         self.parts = parts
         self.is_tuple = is_tuple
 
     def build(
-        self, computed: list[Any], inputs: list[list[Any]], owner: Jitted[..., Any], memo: Any
+        self,
+        computed: list[Any],
+        inputs: list[list[Any]],
+        make: Callable[[Any, Sequence[Any]], Any],
     ) -> Any:
+        """The output; each tree part is `make(how, arrays)`."""
         pool = computed
         if self.forwarded:
             # A NumPy input passed through comes back as a JAX array, as from `jax.jit`.
@@ -271,20 +153,15 @@ class _Out:
                 jax.numpy.asarray(x) if isinstance(x, _HOST) else x
                 for x in [inputs[k][j] for k, j in self.forwarded]
             ]
-        elements = []
-        for get, how, template in self.parts:
-            if how is None:
-                elements.append(pool[get])
-                continue
-            arrays = get(pool)
-            if template is None:
-                element = how.build_fast(arrays)
-                owner._remember(memo, element, how, arrays)
-            else:
-                it = iter(arrays)
-                element = how.unflatten([next(it) if s is None else s for s in template])
-            elements.append(element)
+        elements = [pool[get] if how is None else make(how, get(pool)) for get, how in self.parts]
         return tuple(elements) if self.is_tuple else elements[0]
+
+
+jtu.register_pytree_node(_Out, lambda out: ((), out), lambda out, _: out)
+
+
+def _build(how: Any, arrays: Sequence[Any]) -> Any:
+    return how.build(arrays)
 
 
 def _getter(indices: list[int]) -> Callable[[list[Any]], Any]:
@@ -295,9 +172,6 @@ def _getter(indices: list[int]) -> Callable[[list[Any]], Any]:
     if not indices:
         return lambda pool: ()
     return operator.itemgetter(*indices)
-
-
-jtu.register_pytree_node(_Out, lambda out: ((), out), lambda out, _: out)
 
 
 class Jitted(Generic[_P, _R]):
@@ -319,11 +193,7 @@ class Jitted(Generic[_P, _R]):
             self._signature: inspect.Signature | None = inspect.signature(fn)
         except (TypeError, ValueError):  # some builtins have none: kwargs stay kwargs
             self._signature = None
-        self._cache: dict[tuple[Any, ...], Any] = register(_Cache())
-        self._structures: dict[Any, _Structure] = register(_Cache())
-        self._memo: dict[int, _Known] = {}
-        self._lock = threading.Lock()
-        self._weakself = weakref.ref(self)
+        self._cache: dict[tuple[Any, ...], Any] = Cache(maxsize=_MAX_TRACES)
 
     @overload
     def __get__(self, instance: None, owner: type | None = None) -> Jitted[_P, _R]: ...
@@ -341,41 +211,25 @@ class Jitted(Generic[_P, _R]):
         return jtu.Partial(self, instance)
 
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        memo: dict[int, _Known] = {}
-        jitted, lists = self._prepare(args, kwargs, memo)
-        if self._quiet:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-                computed, out = jitted(*lists)
-        else:
-            computed, out = jitted(*lists)
-        result: _R = out.build(computed, lists, self, memo)
-        self._memo = memo  # this call's objects only: the previous ones are forgotten
+        jitted, lists = self._prepare(args, kwargs)
+        computed, out = self._run(jitted, lists)
+        result: _R = out.build(computed, lists, _build)
         return result
 
     def lower(self, *args: _P.args, **kwargs: _P.kwargs) -> Any:
         """Trace and lower for these arguments without running, as `jax.jit(f).lower`:
         the result's `.compile()`, `.as_text()` and `.cost_analysis()` are JAX's. (Its
         executable takes treenn's internal flat argument lists: to run, call `f`.)"""
-        jitted, lists = self._prepare(args, kwargs, {}, recognise=False)
+        jitted, lists = self._prepare(args, kwargs)
         return jitted.lower(*lists)
 
-    # -- internals ----------------------------------------------------------------------
+    # -- one call -------------------------------------------------------------------------
     def _prepare(
-        self,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        memo: dict[int, _Known],
-        recognise: bool = True,
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *more: Any
     ) -> tuple[Any, list[list[Any]]]:
         """The compiled function for these arguments, and one list of arrays per argument
-        (positional arguments, then the keyword ones, then the function's own); the trees
-        recognised from the previous call (when `recognise`) and those to recognise next
-        time go to `memo`."""
-        # `self._memo` is shared: other threads replace it and weakref callbacks pop from
-        # it at any moment. Only single lookups are atomic, so it is read here, once, and
-        # never handed to anything that iterates it (as a runtime type checker would).
-        known = self._memo if recognise else _NOTHING
+        (positional arguments, then the keyword ones, then the function's own). `more` is
+        passed on to `_partition`."""
         if kwargs and self._signature is not None:
             args, kwargs = self._bind(args, kwargs)
         objects: tuple[Any, ...] = args
@@ -383,54 +237,33 @@ class Jitted(Generic[_P, _R]):
             objects = (*objects, kwargs)
         if not self._static_fn:
             objects = (*objects, self._fn)
-        lists = []
-        key: list[Any] = [len(args), bool(kwargs)]
-        for x in objects:
-            if is_array(x):
-                lists.append([x])
-                key.append(_ARRAY)
-                continue
-            hit = known.get(id(x))
-            arrays: list[Any] = []
-            if hit is not None and _still(hit, x, arrays):
-                memo[id(x)] = hit
-                structure = hit.structure
-            else:
-                arrays, structure = self._split(x, args, kwargs)
-                if structure.plan is not None and not any(isinstance(a, _HOST) for a in arrays):
-                    self._remember(memo, x, structure, arrays)
-            lists.append(arrays)
-            key.append(structure)
-        jitted = self._cache.get(tuple(key))
+        lists, structures = self._partition(objects, args, kwargs, *more)
+        key = (len(args), bool(kwargs), *structures)
+        jitted = self._cache.get(key)
         if jitted is None:
-            jitted = self._compile(tuple(key))
+            jitted = self._compile(key)
         if self._donating:
             self._check_donation(lists, len(args), args, kwargs)
         return jitted, lists
 
-    def _remember(
-        self, memo: dict[int, _Known], x: Any, structure: _Structure, arrays: Sequence[Any]
-    ) -> None:
-        key, token, owner = id(x), object(), self._weakself
-
-        def forget(_: Any) -> None:
-            # `x` (or an item of it) died: drop the record, and with it the arrays.
-            jitted = owner()
-            if jitted is not None:
-                known = jitted._memo.get(key)
-                if known is not None and known.token is token:
-                    jitted._memo.pop(key, None)
-
-        guard: Any
-        if structure.guard is None:  # a weakly referable node (an Equinox module)
-            guard = _Weak(weakref.ref(x, forget), arrays)
-        else:
-            guard = structure.guard(x, arrays, forget)
-        memo[key] = _Known(guard, structure, token)
+    def _partition(
+        self, objects: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[list[Any]], list[Any]]:
+        """Each object's arrays and key entry (`_ARRAY` for a bare array)."""
+        lists, structures = [], []
+        for x in objects:
+            if is_array(x):
+                lists.append([x])
+                structures.append(_ARRAY)
+            else:
+                arrays, structure = self._split(x, args, kwargs)
+                lists.append(arrays)
+                structures.append(structure)
+        return lists, structures
 
     def _split(
         self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[list[Any], _Structure]:
+    ) -> tuple[list[Any], Structure]:
         leaves, treedef = jtu.tree_flatten(x)
         arrays: list[Any] = []
         statics: list[Any] = []
@@ -441,20 +274,20 @@ class Jitted(Generic[_P, _R]):
             else:
                 statics.append(leaf)
         try:
-            return arrays, self._intern(treedef, tuple(statics))
+            return arrays, self._structure(treedef, tuple(statics))
         except TypeError:
             raise self._unhashable(args, kwargs) from None
 
-    def _intern(self, treedef: Any, statics: tuple[Any, ...]) -> _Structure:
-        """The one `_Structure` for this structure; `TypeError` if a static is unhashable."""
-        key = (treedef, statics, tuple(map(type, statics)))
-        structure = self._structures.get(key)
-        if structure is None:
-            with self._lock:
-                if len(self._structures) >= _MAX_STRUCTURES:
-                    self._structures.clear()
-                structure = self._structures.setdefault(key, _Structure(treedef, statics))
-        return structure
+    def _structure(self, treedef: Any, statics: tuple[Any, ...]) -> Structure:
+        """The key entry of a tree; `TypeError` if a static leaf is unhashable."""
+        return Structure(treedef, statics)
+
+    def _run(self, jitted: Any, lists: list[list[Any]]) -> tuple[list[Any], _Out]:
+        if self._quiet:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                return jitted(*lists)
+        return jitted(*lists)
 
     def _bind(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -466,6 +299,7 @@ class Jitted(Generic[_P, _R]):
             raise TypeError(f"treenn.jit({_name(self._fn)}): {err}") from None
         return bound.args, bound.kwargs
 
+    # -- one trace ------------------------------------------------------------------------
     def _donated(self, n_objects: int, n_args: int) -> tuple[int, ...]:
         if not self._donating:
             return ()
@@ -485,18 +319,19 @@ class Jitted(Generic[_P, _R]):
             call = fn if static_fn else objects[-1]
             out = call(*objects[:n_args], **(objects[n_args] if has_kwargs else {}))
             # Donated buffers are deleted by the call: only kept inputs pass through.
-            return self._describe(out, [[] if k in donated else a for k, a in enumerate(lists)])
+            kept = [[] if k in donated else a for k, a in enumerate(lists)]
+            return self._describe(out, kept, structures)
 
         jitted = jax.jit(flat, donate_argnums=donated)
-        with self._lock:
-            if len(self._cache) >= _MAX_TRACES:
-                del self._cache[next(iter(self._cache))]
-            self._cache[key] = jitted
+        self._cache[key] = jitted  # two threads may both compile a new key: either wins
         return jitted
 
-    def _describe(self, out: Any, inputs: list[list[Any]]) -> tuple[list[Any], _Out]:
+    def _describe(
+        self, out: Any, inputs: list[list[Any]], structures: Sequence[Any]
+    ) -> tuple[list[Any], _Out]:
         """At trace time: the arrays the computation must return, and how to rebuild `out`
-        from them and from the inputs that may pass through (`inputs`, tracers)."""
+        from them and from the inputs that may pass through (`inputs`, tracers, whose key
+        entries are `structures`)."""
         leaves, flat_def = jtu.tree_flatten(out)
         treedef: Any = flat_def  # (`children()` is missing from JAX's type stubs)
         source = {id(x): (k, j) for k, arrays in enumerate(inputs) for j, x in enumerate(arrays)}
@@ -513,7 +348,7 @@ class Jitted(Generic[_P, _R]):
             else:
                 forwarded.append((position, *where))
         is_tuple = type(out) is tuple
-        parts: list[tuple[Any, Any, Any]] = []
+        parts: list[tuple[Any, Any]] = []
         start = 0
         pool = {p: i for i, p in enumerate(positions)}
         pool.update((p, len(positions) + i) for i, (p, _, _) in enumerate(forwarded))
@@ -522,21 +357,18 @@ class Jitted(Generic[_P, _R]):
             statics = tuple(template[start:end])
             get = [pool[start + p] for p in range(end - start) if statics[p] is None]
             if part.num_nodes == 1 and statics == (None,):
-                parts.append((get[0], None, None))  # a bare array
-                start = end
-                continue
-            try:
-                structure: _Structure | None = self._intern(part, statics)
-            except TypeError:  # outputs may hold unhashable objects: just not remembered
-                structure = None
-            if structure is not None and structure.plan is not None:
-                parts.append((_getter(get), structure, None))
+                parts.append((get[0], None))  # a bare array
             else:
-                parts.append((_getter(get), part, statics))
+                try:
+                    how: Any = self._structure(part, statics)
+                except TypeError:  # outputs may hold unhashable objects
+                    how = _Template(part, statics)
+                parts.append((_getter(get), how))
             start = end
         description = _Out(tuple((k, j) for _, k, j in forwarded), tuple(parts), is_tuple)
         return computed, description
 
+    # -- errors ---------------------------------------------------------------------------
     def _check_donation(
         self, lists: list[list[Any]], n_args: int, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
@@ -577,10 +409,6 @@ class Jitted(Generic[_P, _R]):
                     f"{_where(path)}: {leaf!r}"
                 )
         return TypeError(f"treenn.jit({_name(self._fn)}): an argument leaf is unhashable")
-
-
-class _Cache(dict):  # type: ignore[type-arg]
-    """A dict that `treenn.clear_caches` can hold weakly (a plain dict cannot)."""
 
 
 def _where(path: tuple[Any, ...]) -> str:
@@ -653,4 +481,8 @@ def jit(fn: Callable[..., Any] | None = None, *, donate: Donate = "none") -> Any
         if donate not in _DONATE:
             raise ValueError(f"donate={donate!r} is not one of {list(_DONATE)}")
         return functools.partial(jit, donate=donate)
+    if _FAST:
+        from ._jit_fast import FastJitted  # (it builds on this file)
+
+        return FastJitted(fn, donate)
     return Jitted(fn, donate)
