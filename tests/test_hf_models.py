@@ -231,3 +231,98 @@ def test_gpt2_dropout_is_mode_bearing() -> None:
     assert not jnp.allclose(a, b)
     evaluated = nn.eval_mode(model)
     assert jnp.allclose(run(evaluated, ids), run(evaluated, ids, key=jax.random.key(1)))
+
+
+# -- generation ---------------------------------------------------------------------------
+
+
+def _generate_both(
+    arch: str,
+    options: dict[str, Any],
+    tmp_path: Path,
+    pad_token_id: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    source = tiny(arch, **options)
+    source.save_pretrained(tmp_path)
+    model = treenn.load_hf(tmp_path)
+    ids = np.random.RandomState(1).randint(3, 99, (3, 5))
+    mask = np.ones((3, 5), np.int64)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    with torch.no_grad():
+        ref = source.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            **kwargs,
+        ).numpy()
+    ours = treenn.models.generate(
+        model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), **kwargs
+    )
+    return model, ids, mask, np.asarray(ours), ref
+
+
+# Generation compiles a prefill and a decoding loop (3-5 s each here): slow tests.
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [("GPT2LMHeadModel", {}), ("MistralForCausalLM", {"sliding_window": 3})],
+)
+def test_greedy_generation_equals_transformers(
+    arch: str, options: dict[str, Any], tmp_path: Path
+) -> None:
+    _, _, _, ours, ref = _generate_both(
+        arch, options, tmp_path, max_new_tokens=6, eos_token_id=None
+    )
+    assert ours.shape == ref.shape == (3, 11)
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.slow
+def test_generation_stops_and_pads_as_transformers(tmp_path: Path) -> None:
+    """An end token one sequence produces: it is padded from then on, and generation
+    stops when all have ended, both as transformers does."""
+    _, _, _, free, _ = _generate_both(
+        "LlamaForCausalLM", {"pad_token_id": 0}, tmp_path, max_new_tokens=6, eos_token_id=None
+    )
+    eos = int(free[0, 7])  # the first sequence's third new token ends it
+    _, _, _, ours, ref = _generate_both(
+        "LlamaForCausalLM", {"pad_token_id": 0}, tmp_path, max_new_tokens=6, eos_token_id=eos
+    )
+    assert np.array_equal(ours, ref)
+    assert ours[0, 7] == eos and np.all(ours[0, 8:] == 0)
+
+
+@pytest.mark.slow
+def test_sampling() -> None:
+    model = treenn.models.from_config(config_of("LlamaForCausalLM"), key=jax.random.key(0))
+    ids = jnp.array([[5, 6, 7]])
+    greedy = treenn.models.generate(model, ids, max_new_tokens=4, eos_token_id=[])
+    top1 = treenn.models.generate(
+        model,
+        ids,
+        max_new_tokens=4,
+        temperature=1.0,
+        top_k=1,
+        eos_token_id=[],
+        key=jax.random.key(3),
+    )
+    assert np.array_equal(greedy, top1)  # top_k=1 leaves only the argmax
+    a, b, c = (
+        treenn.models.generate(
+            model,
+            ids,
+            max_new_tokens=8,
+            temperature=5.0,
+            top_p=0.99,
+            eos_token_id=[],
+            key=jax.random.key(k),
+        )
+        for k in (1, 1, 2)
+    )
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="needs `key=`"):
+        treenn.models.generate(model, ids, max_new_tokens=2, temperature=0.7)
+    with pytest.raises(TypeError, match="causal language model"):
+        treenn.models.generate(model.model, ids, max_new_tokens=2)

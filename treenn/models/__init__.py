@@ -1,6 +1,7 @@
 """treenn.models: a model zoo with torchvision's and timm's parameter names."""
 
 from ._config import from_config as from_config
+from ._generate import generate as generate
 from ._gpt2 import (
     Conv1D as Conv1D,
     GPT2LMHeadModel as GPT2LMHeadModel,

@@ -24,8 +24,10 @@ from ..nn._linear import Linear
 from ..nn._normalization import LayerNorm
 from ..nn._shapes import expect_trailing, trailing
 from ._llama import (
+    Cache,
     activation,
     attend,
+    attend_cached,
     attention_mask_of,
     config_text,
     keys,
@@ -126,6 +128,18 @@ class GPT2Attention(Module):
         out = attend(q, k, v, mask, self.scale, self.attn_dropout, kd)
         return self.resid_dropout(self.c_proj(out, key=kp), key=kr)
 
+    def cached(
+        self, x: jax.Array, cache: Cache, index: Any, valid: jax.Array
+    ) -> tuple[jax.Array, Cache]:
+        batch, length, hidden = x.shape
+        shape = (batch, length, self.num_heads, hidden // self.num_heads)
+        qkv = self.c_attn(x)
+        q, k, v = (qkv[..., i * hidden : (i + 1) * hidden].reshape(shape) for i in range(3))
+        out, cache = attend_cached(
+            q, k, v, cache, index, valid, None, self.scale, self.attn_dropout
+        )
+        return self.resid_dropout(self.c_proj(out)), cache
+
 
 class GPT2MLP(Module):
     """`dropout(c_proj(act(c_fc(x))))`."""
@@ -181,6 +195,13 @@ class GPT2Block(Module):
         ka, km = keys(key, 2)
         x = x + self.attn(self.ln_1(x), attention_mask, key=ka)
         return x + self.mlp(self.ln_2(x), key=km)
+
+    def cached(
+        self, x: jax.Array, cache: Cache, index: Any, valid: jax.Array
+    ) -> tuple[jax.Array, Cache]:
+        attended, cache = self.attn.cached(self.ln_1(x), cache, index, valid)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), cache
 
 
 def _hidden(config: dict[str, Any]) -> int:
@@ -257,6 +278,33 @@ class GPT2Model(Module):
             x = block(x, attention_mask, key=k)
         return self.ln_f(x)
 
+    def cached(
+        self,
+        input_ids: jax.Array,
+        position_ids: jax.Array,
+        caches: list[Cache],
+        index: Any,
+        valid: jax.Array,
+    ) -> tuple[jax.Array, list[Cache]]:
+        """The forward pass for decoding (see `treenn.models.generate`)."""
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        new = []
+        for block, cache in zip(self.h, caches):
+            x, cache = block.cached(x, cache, index, valid)
+            new.append(cache)
+        return self.ln_f(x), new
+
+    def empty_cache(self, batch: int, slots: int) -> list[Cache]:
+        """Zeroed key/value caches of every block, in the embedding's dtype."""
+        hidden = self.wte.embedding_dim
+        out = []
+        for block in self.h:
+            heads = block.attn.num_heads
+            shape = (batch, slots, heads, hidden // heads)
+            dtype = self.wte.weight.dtype
+            out.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+        return out
+
     @property
     def config(self) -> dict[str, Any]:
         """The transformers config the model was built from (a new dict)."""
@@ -317,6 +365,22 @@ class GPT2LMHeadModel(Module):
         if self.lm_head is None:
             return hidden @ self.transformer.wte.weight.T
         return self.lm_head(hidden, key=kh)
+
+    def cached(
+        self,
+        input_ids: jax.Array,
+        position_ids: jax.Array,
+        caches: list[Cache],
+        index: Any,
+        valid: jax.Array,
+    ) -> tuple[jax.Array, list[Cache]]:
+        hidden, caches = self.transformer.cached(input_ids, position_ids, caches, index, valid)
+        if self.lm_head is None:
+            return hidden @ self.transformer.wte.weight.T, caches
+        return self.lm_head(hidden), caches
+
+    def empty_cache(self, batch: int, slots: int) -> list[Cache]:
+        return self.transformer.empty_cache(batch, slots)
 
     @property
     def config(self) -> dict[str, Any]:

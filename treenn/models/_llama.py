@@ -134,6 +134,39 @@ def attend(
     return out.reshape(batch, length, heads * head_dim)
 
 
+Cache = tuple[
+    jax.Array, jax.Array
+]  # one layer's keys and values, (batch, slots, kv_heads, head_dim)
+
+
+def attend_cached(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: Cache,
+    index: Any,
+    valid: Bool[Array, "batch slots"],
+    window: int | None,
+    scale: float,
+    dropout: Dropout,
+) -> tuple[jax.Array, Cache]:
+    """`attend` for decoding: the new keys and values written into the cache at slot
+    `index` onwards, the queries (at those slots) reading every cached slot up to their
+    own whose `valid` is set (and within the window)."""
+    keys_, values = cache
+    start = (0, index, 0, 0)
+    keys_ = jax.lax.dynamic_update_slice(keys_, k.astype(keys_.dtype), start)
+    values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+    slots = jnp.arange(keys_.shape[1])
+    query_slots = index + jnp.arange(q.shape[1])
+    allowed = slots[None, :] <= query_slots[:, None]
+    if window is not None:
+        allowed = allowed & (query_slots[:, None] - slots[None, :] < window)
+    mask = allowed[None] & valid[:, None, :]
+    out = attend(q, keys_, values, mask[:, None, None], scale, dropout, None)
+    return out, (keys_, values)
+
+
 # -- rotary embeddings ------------------------------------------------------------------------
 
 
@@ -266,6 +299,26 @@ class LlamaAttention(Module):
         out = attend(q, k, v, mask, self.head_dim**-0.5, self.attention_dropout, kd)
         return self.o_proj(out, key=ko)
 
+    def cached(
+        self,
+        x: jax.Array,
+        rotary: RotaryEmbedding,
+        position_ids: jax.Array,
+        cache: Cache,
+        index: Any,
+        valid: jax.Array,
+    ) -> tuple[jax.Array, Cache]:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, length, self.num_key_value_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, length, self.num_key_value_heads, self.head_dim)
+        q, k = rotary(q, k, position_ids)
+        scale = self.head_dim**-0.5
+        out, cache = attend_cached(
+            q, k, v, cache, index, valid, self.sliding_window, scale, self.attention_dropout
+        )
+        return self.o_proj(out), cache
+
 
 def _window(config: dict[str, Any], layer: int) -> int | None:
     """The sliding window of layer `layer`, or None (full attention), as transformers."""
@@ -339,6 +392,21 @@ class LlamaDecoderLayer(Module):
             self.input_layernorm(x), rotary, position_ids, attention_mask, key=ka
         )
         return x + self.mlp(self.post_attention_layernorm(x), key=km)
+
+    def cached(
+        self,
+        x: jax.Array,
+        rotary: RotaryEmbedding,
+        position_ids: jax.Array,
+        cache: Cache,
+        index: Any,
+        valid: jax.Array,
+    ) -> tuple[jax.Array, Cache]:
+        attended, cache = self.self_attn.cached(
+            self.input_layernorm(x), rotary, position_ids, cache, index, valid
+        )
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def _positions(
@@ -417,6 +485,33 @@ class LlamaModel(Module):
             x = layer(x, self.rotary_emb, positions, attention_mask, key=k)
         return self.norm(x)
 
+    def cached(
+        self,
+        input_ids: jax.Array,
+        position_ids: jax.Array,
+        caches: list[Cache],
+        index: Any,
+        valid: jax.Array,
+    ) -> tuple[jax.Array, list[Cache]]:
+        """The forward pass for decoding: `input_ids` at cache slots `index`..., with
+        every layer's key/value cache read and updated (see `treenn.models.generate`)."""
+        x = self.embed_tokens(input_ids)
+        new = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer.cached(x, self.rotary_emb, position_ids, cache, index, valid)
+            new.append(cache)
+        return self.norm(x), new
+
+    def empty_cache(self, batch: int, slots: int) -> list[Cache]:
+        """Zeroed key/value caches of every layer, in the embedding's dtype."""
+        out = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            shape = (batch, slots, attn.num_key_value_heads, attn.head_dim)
+            dtype = self.embed_tokens.weight.dtype
+            out.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+        return out
+
     @property
     def config(self) -> dict[str, Any]:
         """The transformers config the model was built from (a new dict)."""
@@ -481,6 +576,22 @@ class LlamaForCausalLM(Module):
         if self.lm_head is None:
             return hidden @ self.model.embed_tokens.weight.T
         return self.lm_head(hidden, key=kh)
+
+    def cached(
+        self,
+        input_ids: jax.Array,
+        position_ids: jax.Array,
+        caches: list[Cache],
+        index: Any,
+        valid: jax.Array,
+    ) -> tuple[jax.Array, list[Cache]]:
+        hidden, caches = self.model.cached(input_ids, position_ids, caches, index, valid)
+        if self.lm_head is None:
+            return hidden @ self.model.embed_tokens.weight.T, caches
+        return self.lm_head(hidden), caches
+
+    def empty_cache(self, batch: int, slots: int) -> list[Cache]:
+        return self.model.empty_cache(batch, slots)
 
     @property
     def config(self) -> dict[str, Any]:
