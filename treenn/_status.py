@@ -21,6 +21,7 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
+from jax._src.interpreters import ad  # JVPTracer, LinearizeTracer: no public name
 from jax.core import Tracer
 
 from ._caches import Cache
@@ -55,6 +56,15 @@ def _stopped(value: Any) -> Any:
     # Concrete arrays carry no gradient; only tracers need stopping. Non-arrays
     # (eqx.tree_at's sentinels, ShapeDtypeStructs, bools) pass through untouched.
     if isinstance(value, Tracer):
+        return jax.lax.stop_gradient(value)
+    return value
+
+
+_AD_TRACERS = (ad.JVPTracer, ad.LinearizeTracer)
+
+
+def _ad_stopped(value: Any) -> Any:
+    if isinstance(value, _AD_TRACERS):
         return jax.lax.stop_gradient(value)
     return value
 
@@ -124,14 +134,17 @@ class Pinned(Mark):
 
 def _register(cls: type[Mark]) -> None:
     key = cls.key
-    # Rebuilding a mark around a tracer stops its gradient: code that reads the model's
-    # leaves without attribute access (`jtu.tree_leaves(eqx.filter(m, eqx.is_inexact_array))`
-    # in an L2 penalty, under `eqx.filter_grad`) then still gives frozen arrays and
-    # buffers zero gradient, as API.md §4 promises. Concrete values pass untouched.
+    # Rebuilding a mark around a value being differentiated stops its gradient: code
+    # that reads the model's leaves without attribute access (`jtu.tree_leaves(
+    # eqx.filter(m, eqx.is_inexact_array))` in an L2 penalty, under `eqx.filter_grad`)
+    # then still gives frozen arrays and buffers zero gradient, as API.md §4 promises.
+    # Only AD tracers: stopping every tracer would make a jitted function return a new
+    # array for each frozen one it passes through (a copy per step, and `treenn.jit`
+    # could no longer hand the input back: 2x its dispatch time on a frozen ResNet).
     jtu.register_pytree_with_keys(
         cls,
         lambda m: (((key, m.value),), None),
-        lambda _, children: cls(_stopped(next(iter(children)))),
+        lambda _, children: cls(_ad_stopped(next(iter(children)))),
         lambda m: ((m.value,), None),
     )
 
