@@ -149,14 +149,38 @@ def _register(cls: type[Mark]) -> None:
     )
 
 
+class Quantized(Mark):
+    """Marks a weight stored quantized (`treenn.quantize`). Its child is the packed
+    storage, a module of integer arrays (codes, scales) that knows the weight's shape
+    and dtype and dequantizes it; the mark reads as the dequantized array, its gradient
+    stopped. Not a mark around an array (not in `MARK_TYPES`): walkers enter it and see
+    the packed arrays under `<path>.codes`..., integer arrays that nothing trains."""
+
+    __slots__ = ()
+    key = MarkKey("Quantized")
+
+    def unwrap(self) -> Any:
+        return _stopped(self.value.dequantized())
+
+    # The logical weight's, for code that reads a stored field's shape and dtype.
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+
 _register(Frozen)
 _register(Buffer)
 _register(Pinned)
+_register(Quantized)
 
 # The marks around arrays (what the tree walker keeps whole, as one array leaf).
 MARK_TYPES: frozenset[type] = frozenset({Frozen, Buffer})
-# Every mark, the pin included (what attribute access unwraps).
-ALL_MARKS: frozenset[type] = frozenset({Frozen, Buffer, Pinned})
+# Every mark, the pin and the quantized weight included (what attribute access unwraps).
+ALL_MARKS: frozenset[type] = frozenset({Frozen, Buffer, Pinned, Quantized})
 ARRAY_TYPES: tuple[type, ...] = (jax.Array, np.ndarray, np.generic)
 
 
