@@ -36,6 +36,8 @@ def logits(model: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         ("MistralForCausalLM", {"sliding_window": 3}),
         ("Qwen2ForCausalLM", {}),
         ("LlamaModel", {}),
+        ("BertForMaskedLM", {}),
+        ("BertForSequenceClassification", {}),
     ],
 )
 def test_save_hf_loads_in_transformers_strictly(

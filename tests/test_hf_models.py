@@ -31,7 +31,18 @@ LLAMA3 = {
 def tiny(arch: str, **options: Any) -> Any:
     """A tiny random transformers model of `arch`, in evaluation mode, seeded."""
     torch.manual_seed(0)
-    if arch.startswith("GPT2"):
+    if arch.startswith("Bert"):
+        config = transformers.BertConfig(
+            vocab_size=99,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            num_labels=3,
+            **options,
+        )
+    elif arch.startswith("GPT2"):
         config = transformers.GPT2Config(
             vocab_size=99, n_positions=16, n_embd=32, n_layer=2, n_head=4, **options
         )
@@ -87,6 +98,10 @@ CASES = {
     "llama-biases": ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
     "mistral-window": ("MistralForCausalLM", {"sliding_window": 3}),
     "mistral-no-window": ("MistralForCausalLM", {"sliding_window": None}),
+    "bert-base": ("BertModel", {}),
+    "bert-classifier": ("BertForSequenceClassification", {}),
+    "bert-masked-lm": ("BertForMaskedLM", {}),
+    "bert-masked-lm-untied": ("BertForMaskedLM", {"tie_word_embeddings": False}),
     "qwen2": ("Qwen2ForCausalLM", {}),
     "qwen2-window": (
         "Qwen2ForCausalLM",
@@ -142,7 +157,15 @@ def test_position_ids_match_transformers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "arch", ["GPT2LMHeadModel", "GPT2Model", "LlamaForCausalLM", "Qwen2ForCausalLM"]
+    "arch",
+    [
+        "GPT2LMHeadModel",
+        "GPT2Model",
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "BertForSequenceClassification",
+        "BertForMaskedLM",
+    ],
 )
 def test_paths_are_the_state_dict_keys(arch: str) -> None:
     torch_model = tiny(arch, tie_word_embeddings=False)
@@ -326,3 +349,25 @@ def test_sampling() -> None:
         treenn.models.generate(model, ids, max_new_tokens=2, temperature=0.7)
     with pytest.raises(TypeError, match="causal language model"):
         treenn.models.generate(model.model, ids, max_new_tokens=2)
+
+
+def test_bert_token_types_match_transformers(tmp_path: Path) -> None:
+    source = tiny("BertForMaskedLM")
+    source.save_pretrained(tmp_path)
+    ids, mask = batch()
+    types = np.zeros_like(ids)
+    types[:, 3:] = 1
+    with torch.no_grad():
+        ref = source(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(types),
+        ).logits.numpy()
+    out = run(
+        treenn.load_hf(tmp_path),
+        ids,
+        attention_mask=jnp.asarray(mask),
+        token_type_ids=jnp.asarray(types),
+    )
+    assert relative(out, ref) < 1e-5
+    assert relative(out, reference(source, ids, mask)) > 1e-3  # the types matter

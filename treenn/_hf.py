@@ -36,11 +36,24 @@ _TORCH_INDEX = "pytorch_model.bin.index.json"
 
 # Keys of older checkpoints that hold no parameter: GPT-2's causal-mask buffers and
 # Llama's rotary frequencies, which transformers also ignores.
-_IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+_IGNORED = re.compile(
+    r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq|embeddings\.position_ids)$"
+)
 # The base model's attribute in each head model: checkpoints of a base model load into
 # the head model (and back) by adding or removing it, as transformers does.
-_PREFIXES = {"gpt2": "transformer", "llama": "model", "mistral": "model", "qwen2": "model"}
-_HEAD_KEY = "lm_head.weight"
+_PREFIXES = {
+    "gpt2": "transformer",
+    "llama": "model",
+    "mistral": "model",
+    "qwen2": "model",
+    "bert": "bert",
+}
+# Keys a model without them reads from another array (tied heads), or has no use for (a
+# checkpoint's pooler in a masked-LM model): ignored where the model lacks them, as
+# transformers ignores them.
+_TIED = re.compile(
+    r"^(lm_head\.weight|cls\.predictions\.decoder\.(weight|bias)|(bert\.)?pooler\..*)$"
+)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -190,7 +203,6 @@ def _fill(model: Any, weights: _Weights, config: dict[str, Any], dtype: Any, fol
     prefix = _PREFIXES.get(config["model_type"], "model")
     file_keys = [k for k in weights.where if not _IGNORED.search(k)]
     source = _renamed(file_keys, wanted, prefix)
-    tied = _HEAD_KEY not in wanted and _HEAD_KEY in source
     missing, wrong, new = [], [], []
     for name, leaf in zip(names, leaves):
         if name is None:
@@ -210,7 +222,7 @@ def _fill(model: Any, weights: _Weights, config: dict[str, Any], dtype: Any, fol
         if dtype is not None and _floating(value):
             value = value.astype(dtype)
         new.append(fill(leaf, value))
-    unexpected = sorted(set(source) - wanted - ({_HEAD_KEY} if tied else set()))
+    unexpected = sorted(k for k in set(source) - wanted if not _TIED.match(k))
     if missing or unexpected or wrong:
         lines = [f"load_hf: the weights in {folder!r} do not fit the model the config names:"]
         if missing:

@@ -1,5 +1,10 @@
 """treenn.models: a model zoo with torchvision's and timm's parameter names."""
 
+from ._bert import (
+    BertForMaskedLM as BertForMaskedLM,
+    BertForSequenceClassification as BertForSequenceClassification,
+    BertModel as BertModel,
+)
 from ._config import from_config as from_config
 from ._generate import generate as generate
 from ._gpt2 import (

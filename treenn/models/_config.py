@@ -9,6 +9,7 @@ from typing import Any
 from jaxtyping import PRNGKeyArray
 
 from .._module import Module
+from ._bert import BertForMaskedLM, BertForSequenceClassification, BertModel
 from ._gpt2 import GPT2LMHeadModel, GPT2Model
 from ._llama import LlamaForCausalLM, LlamaModel
 
@@ -20,6 +21,9 @@ ARCHITECTURES: dict[str, tuple[type[Module], str]] = {
     "LlamaModel": (LlamaModel, "llama"),
     "MistralForCausalLM": (LlamaForCausalLM, "mistral"),
     "Qwen2ForCausalLM": (LlamaForCausalLM, "qwen2"),
+    "BertModel": (BertModel, "bert"),
+    "BertForSequenceClassification": (BertForSequenceClassification, "bert"),
+    "BertForMaskedLM": (BertForMaskedLM, "bert"),
 }
 
 
@@ -66,7 +70,8 @@ def from_config(
         `transformers_config.to_dict()`), the path of a `config.json`, or a directory
         holding one. Its `architectures[0]` picks the model: `GPT2LMHeadModel`,
         `GPT2Model`, `LlamaForCausalLM`, `LlamaModel`, `MistralForCausalLM`,
-        `Qwen2ForCausalLM`; another is a `ValueError` listing these.
+        `Qwen2ForCausalLM`, `BertModel`, `BertForSequenceClassification`,
+        `BertForMaskedLM`; another is a `ValueError` listing these.
     - `key`: PRNG key for the initialisation (transformers': normal weights of standard
         deviation `initializer_range`, zero biases, unit norms).
     - `dtype`: parameter dtype (default float32).
@@ -81,7 +86,9 @@ def from_config(
     **Returns:** the model, in training mode (GPT-2's dropouts need `key=` until
     `nn.eval_mode`). `model(input_ids, *, attention_mask=None, position_ids=None,
     key=None)` gives logits `(batch, seq, vocab_size)` for the language models and the
-    last hidden states for `GPT2Model` and `LlamaModel`.
+    last hidden states for `GPT2Model`, `LlamaModel` and `BertModel`; BERT's models also
+    take `token_type_ids=`, and `BertForSequenceClassification` gives `(batch,
+    num_labels)`.
 
     !!! Example
 
