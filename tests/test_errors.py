@@ -1127,6 +1127,18 @@ CASES = [
         TypeError,
         r"save_hf: expected a transformers model of treenn\.models.*got a Net",
     ),
+    case(
+        "save_peft/no-adapters",
+        lambda w: treenn.save_peft(w.folder / "peft", w.net),
+        ValueError,
+        r"save_peft: the model holds no LoRA adapter; adapt it with treenn\.lora first",
+    ),
+    case(
+        "load_peft/no-adapter-config",
+        lambda w: treenn.load_peft(w.folder, w.net),
+        FileNotFoundError,
+        r"load_peft: no config file at '.*adapter_config\.json'",
+    ),
     # -- sharding ------------------------------------------------------------------------------
     case(
         "shard/class-not-instance",

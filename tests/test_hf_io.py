@@ -190,3 +190,95 @@ def test_bad_arguments(tmp_path: Path) -> None:
     (tmp_path / "source" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="holds no weights"):
         treenn.load_hf(tmp_path / "source")
+
+
+# -- PEFT adapters ------------------------------------------------------------------------
+
+# PEFT calls transformers' deprecated `is_gradient_checkpointing` (a FutureWarning).
+PEFT_WARNINGS = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")
+
+
+def _layer(model: Any, path: str) -> Any:
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+@pytest.mark.slow  # imports peft (seconds)
+@PEFT_WARNINGS
+def test_save_peft_loads_in_peft_and_back(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    import equinox as eqx
+
+    source = tiny("LlamaForCausalLM")
+    source.save_pretrained(tmp_path / "base")
+    base = treenn.load_hf(tmp_path / "base")
+    model = treenn.lora(base, "**.q_proj", rank=4, alpha=8, key=jax.random.key(0))
+    model = treenn.lora(model, "**.v_proj", rank=2, alpha=3, key=jax.random.key(1))
+    # lora_B starts at zero: give every adapter a delta, so the test sees the adapters
+    paths = [f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("q_proj", "v_proj")]
+    shapes = [_layer(model, p).lora_B.shape for p in paths]
+    model = eqx.tree_at(
+        lambda m: [_layer(m, p).lora_B for p in paths],
+        model,
+        [jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes)],
+    )
+    ids, mask = batch()
+    ours = logits(model, ids, mask)
+    assert relative(ours, logits(base, ids, mask)) > 1e-3
+    treenn.save_peft(tmp_path / "adapter", model)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["rank_pattern"] == {p: 2 for p in paths if p.endswith("v_proj")}
+    theirs = peft.PeftModel.from_pretrained(
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).eval()
+    assert relative(ours, reference(theirs, ids, mask)) < 1e-5
+    again = treenn.load_peft(tmp_path / "adapter", base)
+    assert relative(logits(again, ids, mask), ours) < 1e-6
+
+
+@pytest.mark.slow
+@PEFT_WARNINGS
+def test_load_peft_of_what_peft_writes(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    source = tiny("Qwen2ForCausalLM")
+    source.save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["k_proj", "o_proj"], use_rslora=True
+    )
+    adapted = peft.get_peft_model(
+        transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "base"), config
+    )
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    adapted.eval().save_pretrained(tmp_path / "adapter")
+    model = treenn.load_peft(tmp_path / "adapter", treenn.load_hf(tmp_path / "base"))
+    assert "model.layers.1.self_attn.o_proj.lora_A" in treenn.statuses(model)
+    ids, mask = batch()
+    assert relative(logits(model, ids, mask), reference(adapted, ids, mask)) < 1e-5
+
+
+def test_load_peft_names_what_it_cannot_honour(tmp_path: Path) -> None:
+    tiny("LlamaForCausalLM").save_pretrained(tmp_path / "base")
+    base = treenn.load_hf(tmp_path / "base")
+    treenn.save_peft(
+        tmp_path / "adapter", treenn.lora(base, "**.q_proj", rank=2, key=jax.random.key(0))
+    )
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora=True"):
+        treenn.load_peft(tmp_path / "adapter", base)
+    gpt2 = treenn.models.from_config(
+        tiny("GPT2LMHeadModel").config.to_dict() | {"architectures": ["GPT2LMHeadModel"]},
+        key=jax.random.key(0),
+    )
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no layer at 'model.layers.0.self_attn.q_proj'"):
+        treenn.load_peft(tmp_path / "adapter", gpt2)
+    with pytest.raises(ValueError, match="holds no LoRA adapter"):
+        treenn.save_peft(tmp_path / "empty", base)

@@ -17,7 +17,12 @@ from ._freezing import (
     freeze_backbone as freeze_backbone,
     unfreeze as unfreeze,
 )
-from ._hf import load_hf as load_hf, save_hf as save_hf
+from ._hf import (
+    load_hf as load_hf,
+    load_peft as load_peft,
+    save_hf as save_hf,
+    save_peft as save_peft,
+)
 from ._inspect import statuses as statuses
 from ._jit import jit as jit
 from ._labels import Labels as Labels, labels as labels, layer_decay as layer_decay

@@ -358,3 +358,227 @@ def save_hf(path: PathLike, model: Any, *, max_shard_size: int | str = "5GB") ->
 
 def _floating_dtype(dtype: Any) -> bool:
     return bool(jax.numpy.issubdtype(dtype, jax.numpy.floating))
+
+
+# -- PEFT LoRA adapters -------------------------------------------------------------------
+
+_PEFT_CONFIG = "adapter_config.json"
+_PEFT_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+# PEFT options `load_peft` cannot honour, with the value that means "not used".
+_PEFT_UNSUPPORTED = {
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "use_qalora": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+}
+_TASKS = {
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+}
+
+
+def _layer_at(model: Any, path: str) -> Any:
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, (tuple, list)) else getattr(node, part)
+    return node
+
+
+def _dropout_rate(layer: Any) -> float:
+    return float(getattr(layer.lora_dropout, "p", 0.0))
+
+
+def save_peft(path: PathLike, model: Any) -> None:
+    """Write the LoRA adapters of a model adapted with `treenn.lora` as a PEFT adapter
+    directory, which `peft.PeftModel.from_pretrained(base, path)` loads onto the
+    transformers model with the same outputs.
+
+    **Arguments:**
+
+    - `path`: the directory (created if needed).
+    - `model`: a model of `treenn.models` (or `treenn.load_hf`) holding adapters.
+
+    Writes `adapter_config.json` (`r`, `lora_alpha` so that `lora_alpha / r` is each
+    adapter's scaling, `lora_dropout`, the adapted layers' full paths as
+    `target_modules`, and `rank_pattern`/`alpha_pattern` for layers whose rank or alpha
+    differ from the most common) and `adapter_model.safetensors` with PEFT's keys
+    (`base_model.model.<path>.lora_A.weight`, `lora_B.weight`). Only the adapters are
+    written: other arrays a fine-tuning changed (an unfrozen head) are not, as PEFT's
+    adapter files hold only the adapters; save those with `treenn.save_hf` after
+    `treenn.merge_lora`, or `treenn.save`.
+
+    **Returns:** `None`. Raises `ValueError` when the model holds no adapter.
+
+    !!! Example
+
+        ```python
+        model = treenn.lora(treenn.load_hf("base"), "**.q_proj", rank=8, key=key)
+        # ... fine-tune ...
+        treenn.save_peft("adapter", model)
+        # torch: peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base"),
+        #                                      "adapter")
+        ```
+    """
+    from collections import Counter
+
+    from ._lora import _Adapter
+
+    layers = [(dotted(p), m) for p, m, _ in modules(model) if isinstance(m, _Adapter)]
+    if not layers:
+        raise ValueError(
+            "save_peft: the model holds no LoRA adapter; adapt it with treenn.lora first"
+        )
+    ranks = {name: int(layer.lora_A.shape[0]) for name, layer in layers}
+    alphas = {name: layer.scaling * ranks[name] for name, layer in layers}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    rates = {_dropout_rate(layer) for _, layer in layers}
+    if len(rates) > 1:
+        raise ValueError(
+            f"save_peft: the adapters' dropout rates differ ({sorted(rates)}); PEFT's "
+            "config has one lora_dropout"
+        )
+    config_text = getattr(model, "hf_config", None)
+    arch = (json.loads(config_text).get("architectures") or [""])[0] if config_text else ""
+    task = next((t for suffix, t in _TASKS.items() if arch.endswith(suffix)), None)
+    config = {
+        "peft_type": "LORA",
+        "task_type": task,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": rates.pop(),
+        "target_modules": sorted(ranks),
+        "rank_pattern": {n: r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+    arrays: dict[str, Any] = {}
+    for name, layer in layers:
+        arrays[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        arrays[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, _PEFT_CONFIG), "w", encoding="utf-8") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+    write_safetensors(os.path.join(folder, _PEFT_WEIGHTS), arrays, {"format": "pt"})
+
+
+def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's `rank_pattern`/`alpha_pattern` lookup: a key matching the end of the
+    layer's path (as a regular expression), else the default."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            return value
+    return default
+
+
+def load_peft(path: PathLike, model: Any) -> Any:
+    """Apply a PEFT LoRA adapter directory (what `peft`'s `save_pretrained` writes) to a
+    treenn model: the layers it names are adapted (`treenn.lora`) and their adapters
+    filled from the file, so the model gives PEFT's outputs.
+
+    **Arguments:**
+
+    - `path`: the directory: `adapter_config.json` and `adapter_model.safetensors`.
+    - `model`: the base model, e.g. `treenn.load_hf` of the adapter's base.
+
+    `r`, `lora_alpha`, `lora_dropout`, `use_rslora` and the per-layer
+    `rank_pattern`/`alpha_pattern` are honoured; an option treenn's LoRA cannot honour
+    (`use_dora`, `fan_in_fan_out`, a `bias` other than `"none"`, `modules_to_save`...)
+    is a `ValueError` naming it, as is a layer the model lacks or an adapter whose
+    shape does not fit its layer.
+
+    **Returns:** the adapted model (its adapters trainable, the rest unchanged).
+
+    !!! Example
+
+        ```python
+        model = treenn.load_peft("adapter", treenn.load_hf("base"))
+        logits = model(ids, attention_mask=mask)
+        ```
+    """
+    folder = os.fspath(path)
+    config = read_config(os.path.join(folder, _PEFT_CONFIG), "load_peft")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(
+            f"load_peft: {folder!r} holds a {config['peft_type']} adapter; only LORA is supported"
+        )
+    for option, neutral in _PEFT_UNSUPPORTED.items():
+        value = config.get(option, neutral)
+        if value not in (neutral, None, [], {}, False) and value != neutral:
+            raise ValueError(
+                f"load_peft: the adapter sets {option}={value!r}, which treenn's LoRA does "
+                "not support"
+            )
+    with SafetensorsFile(os.path.join(folder, _PEFT_WEIGHTS)) as file:
+        arrays = {k: file.read(k) for k in file.entries}
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])\.weight", key)
+        if match is None:
+            raise ValueError(f"load_peft: {key!r} is not a LoRA weight (lora_A or lora_B)")
+        pairs.setdefault(match[1], {})[match[2]] = value
+    incomplete = sorted(n for n, p in pairs.items() if set(p) != {"lora_A", "lora_B"})
+    if incomplete:
+        raise ValueError(f"load_peft: lora_A or lora_B missing for {incomplete}")
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name, pair in sorted(pairs.items()):
+        rank = int(pair["lora_A"].shape[0])
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+        scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+        groups.setdefault((rank, scaling * rank), []).append(name)
+    for names in groups.values():
+        for name in names:
+            try:
+                _layer_at(model, name)
+            except (AttributeError, IndexError, ValueError) as err:
+                raise ValueError(f"load_peft: the model has no layer at {name!r}") from err
+    from ._lora import lora
+
+    dropout = float(config.get("lora_dropout") or 0.0)
+    for (rank, alpha), names in groups.items():
+        model = lora(
+            model,
+            lambda m, names=names: tuple(_layer_at(m, n) for n in names),  # type: ignore[misc]
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            key=jax.random.key(0),
+        )
+    wrong = []
+    for name, pair in pairs.items():
+        layer = _layer_at(model, name)
+        for field in ("lora_A", "lora_B"):
+            want = getattr(layer, field)
+            if tuple(pair[field].shape) != tuple(want.shape):
+                wrong.append(
+                    f"{name}.{field}: file {list(pair[field].shape)}, model {list(want.shape)}"
+                )
+    if wrong:
+        raise ValueError("load_peft: adapters that do not fit their layers: " + "; ".join(wrong))
+    names = sorted(pairs)
+    values = [
+        jax.numpy.asarray(pairs[n][f], getattr(_layer_at(model, n), f).dtype)
+        for n in names
+        for f in ("lora_A", "lora_B")
+    ]
+    return eqx.tree_at(
+        lambda m: [getattr(_layer_at(m, n), f) for n in names for f in ("lora_A", "lora_B")],
+        model,
+        values,
+    )
