@@ -282,3 +282,20 @@ def test_load_peft_names_what_it_cannot_honour(tmp_path: Path) -> None:
         treenn.load_peft(tmp_path / "adapter", gpt2)
     with pytest.raises(ValueError, match="holds no LoRA adapter"):
         treenn.save_peft(tmp_path / "empty", base)
+
+
+def test_save_hf_over_an_earlier_save_removes_its_stale_weights(tmp_path: Path) -> None:
+    tiny("LlamaForCausalLM").save_pretrained(tmp_path / "source")
+    model = treenn.load_hf(tmp_path / "source")
+    treenn.save_hf(tmp_path / "out", model, max_shard_size=20_000)
+    tuned = treenn.load_hf(tmp_path / "source", dtype=jnp.bfloat16)  # a different model
+    treenn.save_hf(tmp_path / "out", tuned)  # one file now
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    again = treenn.load_hf(tmp_path / "out")
+    assert again.lm_head.weight.dtype == jnp.bfloat16
+    treenn.save_hf(tmp_path / "out", model, max_shard_size=20_000)  # and shards again
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert treenn.load_hf(tmp_path / "out").lm_head.weight.dtype == jnp.float32

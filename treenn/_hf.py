@@ -340,13 +340,16 @@ def save_hf(path: PathLike, model: Any, *, max_shard_size: int | str = "5GB") ->
         json.dump(config, file, indent=2, sort_keys=True)
     shards = list(_shards(arrays, limit))
     metadata = {"format": "pt"}
-    if len(shards) == 1:
-        write_safetensors(os.path.join(folder, _SAFETENSORS), shards[0], metadata)
+    if len(shards) <= 1:
+        write_safetensors(os.path.join(folder, _SAFETENSORS), shards[0] if shards else {}, metadata)
+        _remove_stale(folder, {_SAFETENSORS})
         return
     weight_map: dict[str, str] = {}
     total = 0
+    names = set()
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        names.add(name)
         write_safetensors(os.path.join(folder, name), shard, metadata)
         for key, array in shard.items():
             weight_map[key] = name
@@ -354,6 +357,20 @@ def save_hf(path: PathLike, model: Any, *, max_shard_size: int | str = "5GB") ->
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     with open(os.path.join(folder, _SAFETENSORS_INDEX), "w", encoding="utf-8") as file:
         json.dump(index, file, indent=2, sort_keys=True)
+    _remove_stale(folder, names | {_SAFETENSORS_INDEX})
+
+
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def _remove_stale(folder: str, written: set[str]) -> None:
+    """Remove the safetensors weights an earlier save left that this one did not write
+    (a single file after shards, or shards of another count), as transformers'
+    `save_pretrained` does: a loader would otherwise read the stale ones. Done after
+    the new files are written, so an interrupted save leaves the old model whole."""
+    for name in os.listdir(folder):
+        if _WEIGHT_FILE.fullmatch(name) and name not in written:
+            os.remove(os.path.join(folder, name))
 
 
 def _floating_dtype(dtype: Any) -> bool:
