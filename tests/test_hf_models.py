@@ -95,6 +95,8 @@ CASES = {
     "llama-base": ("LlamaModel", {}),
     "llama-rope-llama3": ("LlamaForCausalLM", {"rope_scaling": LLAMA3, "rope_theta": 500.0}),
     "llama-rope-linear": ("LlamaForCausalLM", {"rope_scaling": {"type": "linear", "factor": 2.0}}),
+    "llama-head-dim": ("LlamaForCausalLM", {"head_dim": 16}),  # heads * head_dim != hidden
+    "gpt2-inner-gelu": ("GPT2LMHeadModel", {"n_inner": 48, "activation_function": "gelu"}),
     "llama-biases": ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
     "mistral-window": ("MistralForCausalLM", {"sliding_window": 3}),
     "mistral-no-window": ("MistralForCausalLM", {"sliding_window": None}),
