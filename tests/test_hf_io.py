@@ -146,10 +146,17 @@ def test_strict_errors_name_the_keys(tmp_path: Path) -> None:
 
 
 def test_base_checkpoint_loads_into_the_head_model(tmp_path: Path) -> None:
-    """transformers' prefix rule: a GPT2Model checkpoint (keys without `transformer.`)
-    fills GPT2LMHeadModel's base; the tied head needs nothing more."""
+    """transformers' prefix rule: a GPT2Model checkpoint (keys without `transformer.`,
+    old mask buffers) fills GPT2LMHeadModel's base; the tied head needs nothing more."""
     base = tiny("GPT2Model")
     base.save_pretrained(tmp_path)
+
+    def old_buffers(arrays: dict[str, np.ndarray]) -> None:
+        # the hub's gpt2 checkpoint still holds the causal-mask buffers
+        arrays["h.0.attn.bias"] = np.ones((1, 1, 16, 16), np.float32)
+        arrays["h.0.attn.masked_bias"] = np.array(-1e4, np.float32)
+
+    _rewrite(tmp_path, old_buffers)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(
         json.dumps(config | {"architectures": ["GPT2LMHeadModel"]})
