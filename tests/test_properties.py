@@ -223,7 +223,7 @@ def test_modes_agrees_with_the_fields(data: Any) -> None:
 # -- every surgery, in any order (issue 21) --------------------------------------------
 
 OPS = ["freeze", "unfreeze", "eval", "train", "eval-pin", "train-pin", "unpin", "lora", "merge"]
-OPS += ["save-load", "abstract"]
+OPS += ["save-load", "abstract", "remat", "unremat"]
 
 
 def _check_invariants(model: Any) -> None:
@@ -302,6 +302,21 @@ def _step(op: str, model: Any, where: Any, tmp: Any) -> Any:
         except ValueError as err:
             assert "no LoRA adapter" in str(err)
             return None
+    if op in ("remat", "unremat"):
+        try:
+            new = treenn.remat(model, where, policy=False if op == "unremat" else None)
+        except ValueError as err:
+            assert "matches no" in str(err) or "has no" in str(err)
+            return None
+        # `lora`/`merge_lora` do not yet see through a Linear that is itself
+        # rematerialised (they refuse it as a subclass): keep such sequences out.
+        linears = (nn.Linear, eqx.nn.Linear)
+        if any(
+            isinstance(m, linears) and type(m).__name__.startswith("Remat")
+            for _, m, _ in _modules(new)
+        ):
+            return None
+        return new
     if op == "save-load":
         path = tmp / "m.safetensors"
         treenn.save(path, model)
