@@ -373,3 +373,60 @@ def test_bert_token_types_match_transformers(tmp_path: Path) -> None:
     )
     assert relative(out, ref) < 1e-5
     assert relative(out, reference(source, ids, mask)) > 1e-3  # the types matter
+
+
+# -- tensor parallelism ---------------------------------------------------------------------
+
+TENSOR_PARALLEL = """
+import sys, tempfile
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, PartitionSpec as P
+import treenn
+from test_hf_models import batch, tiny
+
+folder = tempfile.mkdtemp()
+tiny("LlamaForCausalLM").save_pretrained(folder)
+model = treenn.load_hf(folder)
+mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+# Megatron's split: q/k/v and gate/up by output rows, o/down by input columns.
+rules = {
+    "**.self_attn.q_proj.weight": P("model", None),
+    "**.self_attn.k_proj.weight": P("model", None),
+    "**.self_attn.v_proj.weight": P("model", None),
+    "**.self_attn.o_proj.weight": P(None, "model"),
+    "**.mlp.gate_proj.weight": P("model", None),
+    "**.mlp.up_proj.weight": P("model", None),
+    "**.mlp.down_proj.weight": P(None, "model"),
+    "**": P(),
+}
+sharded = treenn.shard(model, mesh, rules)
+spec = sharded.model.layers[1].mlp.down_proj.weight.sharding.spec
+assert spec == P(None, "model"), spec
+ids, mask = (jnp.asarray(np.concatenate([x, x[:1]])) for x in batch())  # 4 rows
+forward = treenn.jit(lambda m, i, a: m(i, attention_mask=a))
+a = forward(sharded, *treenn.shard((ids, mask), mesh, P("data")))
+b = forward(model, ids, mask)
+assert float(jnp.abs(a - b).max()) < 1e-5
+print("ok")
+"""
+
+
+@pytest.mark.slow  # a subprocess with 4 host devices
+def test_llama_tensor_parallel_rules() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", TENSOR_PARALLEL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
