@@ -320,6 +320,21 @@ def test_generation_stops_and_pads_as_transformers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_generation_ends_when_every_sequence_has(tmp_path: Path) -> None:
+    """End tokens every sequence produces by its second new token: the output stops
+    there, as transformers' does (fewer than max_new_tokens)."""
+    _, _, _, free, _ = _generate_both(
+        "GPT2LMHeadModel", {}, tmp_path, max_new_tokens=6, eos_token_id=None
+    )
+    ends = sorted({int(t) for t in free[:, 6]})
+    _, _, _, ours, ref = _generate_both(
+        "GPT2LMHeadModel", {}, tmp_path, max_new_tokens=6, eos_token_id=ends
+    )
+    assert ours.shape == ref.shape and ours.shape[1] <= 7
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.slow
 def test_sampling() -> None:
     model = treenn.models.from_config(config_of("LlamaForCausalLM"), key=jax.random.key(0))
     ids = jnp.array([[5, 6, 7]])
