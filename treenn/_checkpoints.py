@@ -538,7 +538,7 @@ def load_trainable(path: PathLike, model: T) -> T:
     # mark-reading subclass print alike).
     wanted, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_none)
     got, got_def = jax.tree_util.tree_flatten(loaded, is_leaf=_is_none)
-    if got_def != treedef:
+    if got_def != treedef:  # type: ignore[operator]  # (jaxlib types PyTreeDef oddly)
         raise CheckpointError(
             f"treenn.load_trainable: {os.fspath(path)!r} loaded into a structure other "
             f"than the model's trainable arrays: {_difference(loaded, params)}"
