@@ -23,6 +23,7 @@ CPU_SCRIPTS = [
     "compile.py",
     "memory.py",
     "checkpoints.py",
+    "remat.py",
 ]
 
 
