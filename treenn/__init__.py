@@ -29,6 +29,7 @@ from ._labels import Labels as Labels, labels as labels, layer_decay as layer_de
 from ._lora import lora as lora, merge_lora as merge_lora
 from ._module import Module as Module
 from ._optimizers import migrate_opt_state as migrate_opt_state
+from ._quantize import dequantize as dequantize, quantize as quantize
 from ._remat import remat as remat
 from ._safetensors import CheckpointError as CheckpointError
 from ._selectors import Where as Where

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._edit import Edit, edit
 from ._module import Module, build, fitted_class
 from ._selectors import Where, no_match
-from ._status import Frozen, is_inexact, marked_like, unmarked
+from ._status import Frozen, Quantized, is_array_like, is_inexact, marked_like, unmarked
 from ._tree import by_type, check_model, dotted, modules, state_of
 from .nn._attention import MultiheadAttention
 from .nn._conv import Conv1d, Conv2d, Conv3d, _ConvNd
@@ -413,7 +413,8 @@ def _adapt(
     state = dict(state_of(layer))
     for name in _own_fields(base):
         value = state.get(name)
-        if value is not None and type(value) is not Frozen and is_inexact(value.dtype):
+        # A mark (frozen already, or a quantized weight: QLoRA) is left as it is.
+        if value is not None and is_array_like(value) and is_inexact(value.dtype):
             state[name] = Frozen(value)
     weight = unmarked(state[_own_fields(base)[0]])
     out, in_features, *spatial = _declared_shape(layer, base)  # kernel size, or none
@@ -574,6 +575,8 @@ class _Merge(Edit):
         base = BASE[fitted_class(type(layer), False)]
         field = layer._merged_field
         stored = state_of(layer)[field]
+        if type(stored) is Quantized:  # QLoRA: merged into the dequantized weight, frozen
+            stored = Frozen(getattr(layer, field))
         value = _merged(unmarked(stored), layer._delta_weight())
         return _view(base, layer, **{field: marked_like(stored, value)})
 
