@@ -649,6 +649,37 @@ CASES = [
         ValueError,
         _no_key("Dropout", 0.25),
     ),
+    # -- memory by selector ------------------------------------------------------------
+    case(
+        "quantize/selector-matches-nothing",
+        lambda w: treenn.quantize(w.net, "nothing.**"),
+        ValueError,
+        r"where='nothing\.\*\*' matches no Linear or Embedding",
+    ),
+    case(
+        "quantize/unknown-dtype",
+        lambda w: treenn.quantize(w.net, "head", dtype="fp4"),
+        ValueError,
+        r"dtype='fp4' must be one of \('nf4', 'int8'\)",
+    ),
+    case(
+        "dequantize/nothing-quantized",
+        lambda w: treenn.dequantize(w.net),
+        ValueError,
+        r"the model has no quantized weight",
+    ),
+    case(
+        "remat/selector-matches-nothing",
+        lambda w: treenn.remat(w.net, "nothing"),
+        ValueError,
+        r"where='nothing' matches no callable module",
+    ),
+    case(
+        "remat/policy-not-a-policy",
+        lambda w: treenn.remat(w.net, "head", policy=True),
+        TypeError,
+        r"policy=True is not a checkpoint policy",
+    ),
     case(
         "train_step/loss-drops-the-model-a-transform-updated",
         lambda w: treenn.train_step(
