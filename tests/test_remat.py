@@ -390,3 +390,25 @@ def test_bad_policies_and_models_are_refused(stack: Stack) -> None:
         treenn.remat(Stack, "blocks.*")
     with pytest.raises(TypeError, match="where"):
         treenn.remat(stack, 3)  # type: ignore[arg-type]
+
+
+def test_lora_and_merge_lora_keep_a_rematerialised_layer_rematerialised() -> None:
+    # lora after remat of the layer itself: the adapted layer stays under remat, with
+    # the same outputs, statuses and (after merge_lora) merged weight as without remat.
+    key = jax.random.key(0)
+    plain = nn.Sequential(nn.Linear(4, 4, key=key), nn.Linear(4, 2, key=key))
+    remat = treenn.remat(plain, "layers.0", policy=None)
+
+    def adapt(m: Any) -> Any:
+        m = treenn.lora(m, "layers.0", rank=2, key=key)
+        return eqx.tree_at(lambda m: m.layers[0].lora_B, m, jnp.full((4, 2), 0.1))
+
+    with_remat, without = adapt(remat), adapt(plain)
+    assert type(with_remat.layers[0]).__name__ == "RematLoRALinear"
+    assert isinstance(with_remat.layers[0], nn.Linear)
+    assert treenn.statuses(with_remat) == treenn.statuses(without)
+    x = jnp.ones((3, 4))
+    assert jnp.allclose(with_remat(x), without(x))
+    merged = treenn.merge_lora(with_remat)
+    assert type(merged.layers[0]).__name__ == "RematLinear"
+    assert jnp.allclose(merged.layers[0].weight, treenn.merge_lora(without).layers[0].weight)

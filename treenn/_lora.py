@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._edit import Edit, edit
-from ._module import Module, build, fitted_class
+from ._module import Module, build
+from ._remat import base_class, policy_of, remat_class
 from ._selectors import Where, no_match
 from ._status import Frozen, Quantized, is_array_like, is_inexact, marked_like, unmarked
 from ._tree import by_type, check_model, dotted, modules, state_of
@@ -369,7 +370,7 @@ def adapter_edit(
     counter = itertools.count()
 
     def edit(path: str, layer: Any) -> Any:
-        kind = fitted_class(type(layer), False)
+        kind = base_class(type(layer))  # without marks and without remat
         if kind in BASE:
             raise ValueError(
                 f"treenn.lora: {path!r} already has a LoRA adapter ({kind.__name__}); "
@@ -384,7 +385,7 @@ def adapter_edit(
         _check_layer(path, layer, kind, dropout)
         stack = _stack_axes(path, layer, kind)
         drop = Dropout(dropout, inference=inference) if dropout else Identity()
-        return _adapt(
+        adapted = _adapt(
             layer,
             kind,
             stack=stack,
@@ -394,6 +395,7 @@ def adapter_edit(
             dtype=dtype,
             key=jax.random.fold_in(key, next(counter)),
         )
+        return _keep_remat(adapted, layer)
 
     return edit
 
@@ -572,13 +574,21 @@ class _Merge(Edit):
 
     def module(self, path: Any, layer: Any) -> Any:
         self.merged += 1
-        base = BASE[fitted_class(type(layer), False)]
+        base = BASE[base_class(type(layer))]
         field = layer._merged_field
         stored = state_of(layer)[field]
         if type(stored) is Quantized:  # QLoRA: merged into the dequantized weight, frozen
             stored = Frozen(getattr(layer, field))
         value = _merged(unmarked(stored), layer._delta_weight())
-        return _view(base, layer, **{field: marked_like(stored, value)})
+        return _keep_remat(_view(base, layer, **{field: marked_like(stored, value)}), layer)
+
+
+def _keep_remat(new: Any, old: Any) -> Any:
+    """`new` (adapted or merged from `old`) rematerialised as `old` was (`treenn.remat`)."""
+    policy = policy_of(old)
+    if policy is False:
+        return new
+    return build(remat_class(base_class(type(new)), policy), dict(state_of(new)))
 
 
 def _is_prng_key(key: Any) -> bool:
