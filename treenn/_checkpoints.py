@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import jax
 
+from ._edit import each_mode_bearing, fit_classes
 from ._fill import (
     LoadReport,
     array_slots,
@@ -51,10 +52,7 @@ from ._status import Buffer, Frozen, Status, is_array_leaf, is_inexact, status_o
 from ._tree import (
     check_model,
     dotted,
-    fit_classes,
     flatten,
-    is_mode_bearing,
-    map_stopped,
     modules,
     unflatten,
 )
@@ -479,9 +477,7 @@ def _restore_modes(file: SafetensorsFile, model: Any, modes: dict[str, dict[str,
             return module
         return with_mode(module, modes[name]["inference"], modes[name]["pinned"])
 
-    model = map_stopped(model, is_mode_bearing, restore)
-    if is_mode_bearing(model):
-        model = restore((), model)
+    model = each_mode_bearing(model, restore)
     extra = sorted(modes.keys() - seen)
     lacking = sorted(seen - modes.keys())
     if extra or lacking:

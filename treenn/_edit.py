@@ -38,6 +38,7 @@ from ._tree import (
     flatten,
     inert,
     leaves,
+    mode_bearing_type,
     pruned,
     state_of,
     unflatten,
@@ -178,3 +179,38 @@ class _Walk:
         if not changes:
             return module
         return build(type(module), {**state, **changes})
+
+
+class _Refit(Edit):
+    """Every plain Equinox module refitted to the marks it holds."""
+
+    target_type = staticmethod(is_foreign_type)
+
+    def module(self, path: KeyPath | None, module: Any) -> Any:
+        return fit_class(module)
+
+
+def fit_classes(tree: Any) -> Any:
+    """Give every Equinox module holding a mark the class that reads through it (see
+    `_module.fit_class`), and its own class back to one that no longer holds any: for
+    trees JAX rebuilt from a structure made before marks were added or removed."""
+    return edit(tree, None, _Refit())
+
+
+class _Each(Edit):
+    """`fn(path, module)` on every mode-bearing module (checkpoints restoring modes)."""
+
+    target_type = staticmethod(mode_bearing_type)
+    needs_paths = True
+
+    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
+        self.fn = fn
+
+    def module(self, path: Any, module: Any) -> Any:
+        return self.fn(path, module)
+
+
+def each_mode_bearing(model: Any, fn: Callable[[Any, Any], Any]) -> Any:
+    """`model` with every mode-bearing module (the root included) replaced by
+    `fn(key_path, module)`, innermost first."""
+    return edit(model, None, _Each(fn))

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._edit import each_mode_bearing
 from ._modes import with_mode
 from ._safetensors import CheckpointError
 from ._selectors import few
 from ._status import Pinned, is_array_leaf, marked_like, unmarked
-from ._tree import dotted, is_mode_bearing, map_stopped, modules, state_of
+from ._tree import dotted, is_mode_bearing, modules, state_of
 
 
 def is_slot(leaf: Any) -> bool:
@@ -143,8 +144,7 @@ def settle_modes(model: Any) -> Any:
             lost.append(dotted(p))
         return with_mode(module, False, pinned)
 
-    model = map_stopped(model, is_mode_bearing, settle)
-    model = settle((), model) if is_mode_bearing(model) else model
+    model = each_mode_bearing(model, settle)
     if lost:
         raise CheckpointError(
             f"the model is abstract and pins {few(lost)}, whose pinned modes "

@@ -10,13 +10,13 @@ import jax
 import jax.tree_util as jtu
 
 from ._caches import Cache
+from ._edit import fit_classes
 from ._selectors import few
 from ._status import ARRAY_TYPES, Pinned, Status, status_of
 from ._tree import (
     by_type,
     check_model,
     dotted,
-    fit_classes,
     flatten,
     leaves,
     modules,

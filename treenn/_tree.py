@@ -4,7 +4,7 @@ checkpoints.
 Everything is built on JAX's C++ `tree_flatten_with_path`, which visits nodes far faster
 than a Python recursion over `__dict__`s. `flatten` stops at status marks (so a frozen
 array is one leaf that knows its status) and at whatever else the caller asks for;
-`modules` and `map_stopped` build module-level views and edits on top of it.
+`modules` builds a module-level view on top of it; `_edit` the one edit walk.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from ._caches import Cache
-from ._module import fit_class, is_foreign_type, replace
+from ._module import is_foreign_type, replace
 from ._status import MARK_TYPES, MarkKey, holds_nothing
 
 KeyPath = tuple[Any, ...]
@@ -260,54 +260,6 @@ def below(tree: Any, stop: Stop) -> Stop:
 
     below_tree.stops_marks = True  # type: ignore[attr-defined]
     return below_tree
-
-
-def map_stopped(
-    tree: Any,
-    stop: Stop,
-    fn: Callable[[KeyPath | None, Any], Any],
-    *,
-    paths: bool = True,
-    prefix: KeyPath = (),
-) -> Any:
-    """Rebuild `tree`, replacing each node `stop` names (below the root) by
-    `fn(path, node)`; `path` is `None` when `paths=False` (cheaper).
-
-    `stop` names modules or containers (never leaves), best made with `by_type`.
-    Stopped nodes inside another are visited too, innermost first: `fn` receives a node
-    whose own stopped descendants were replaced. Modules holding only leaves (see
-    `pruned`) are neither entered nor rebuilt; `tree` itself is returned when `fn`
-    replaces nothing.
-    """
-    is_leaf = below(tree, pruned(stop))
-    if paths:
-        key_paths, flat, treedef = flatten(tree, is_leaf)
-    else:
-        flat, treedef = leaves(tree, is_leaf)
-    changed = False
-    for i, leaf in enumerate(flat):
-        if type(leaf) in MARK_TYPES or not stop(leaf):
-            continue
-        path = prefix + key_paths[i] if paths else None
-        inner = leaf
-        # Most stopped nodes are leaf layers (Dropout, BatchNorm): no walk inside.
-        if not (STOP_MODULE(leaf) and inert(leaf)):
-            inner = map_stopped(leaf, stop, fn, paths=paths, prefix=path or ())
-        new = fn(path, inner)
-        if new is not leaf:
-            flat[i] = new
-            changed = True
-    if not changed:
-        return tree
-    return unflatten(treedef, flat)
-
-
-def fit_classes(tree: Any) -> Any:
-    """Give every Equinox module holding a status mark the class that reads through it
-    (see `treenn._module.fit_class`), and restore the original class of one that no
-    longer holds any."""
-    tree = map_stopped(tree, STOP_FOREIGN, lambda _, m: fit_class(m), paths=False)
-    return fit_class(tree) if is_foreign_type(type(tree)) else tree
 
 
 def modules(
